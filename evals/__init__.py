@@ -1,0 +1,1 @@
+"""How a candidate merge is scored (lm-eval harness on in-memory models)."""

@@ -1,0 +1,97 @@
+"""Sparsification of task vectors (TIES, DARE, breadcrumbs, DELLA), as mergekit does it.
+
+Random masks draw from an explicit generator so a seed reproduces a merge bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7):
+    """Apply mask; with rescale, restore the L1 norm the tensor had before masking."""
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
+    w = tensor.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """Keep the `density` share of entries with the largest magnitude (TIES)."""
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    k = max(1, int(density * tensor.numel()))
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    mask[torch.argsort(_magnitudes(tensor), descending=True)[:k]] = 1
+    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+
+
+def magnitude_outliers(
+    tensor: torch.Tensor, density: float, rescale: bool, gamma: float
+) -> torch.Tensor:
+    """Drop the `gamma` largest entries, then the smallest; keep `density` (Breadcrumbs)."""
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    keep = int(density * n)
+    n_bottom = max(0, n - keep - int(gamma * n))
+    order = torch.sort(_magnitudes(tensor), descending=False).indices
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[order[n_bottom : n_bottom + keep]] = 1
+    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+
+
+def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # torch.bernoulli has no float16 kernel on CPU.
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+def bernoulli(
+    tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Keep each entry with probability `density` (DARE)."""
+    if density >= 1:
+        return tensor
+    work = _work_dtype(tensor)
+    probs = torch.full_like(tensor, density, dtype=work)
+    mask = torch.bernoulli(probs, generator=generator)
+    return rescaled(tensor.to(work), mask, rescale).to(tensor.dtype)
+
+
+def della_magprune(
+    tensor: torch.Tensor,
+    density: float,
+    rescale: bool,
+    epsilon: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Keep entries with probability rising with their magnitude rank, density ± epsilon (DELLA)."""
+    if density >= 1:
+        return tensor
+    if density <= 0:
+        return torch.zeros_like(tensor)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"della: density ± epsilon must lie in (0, 1), got {density} ± {epsilon}")
+    shape = tensor.shape
+    work = _work_dtype(tensor)
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(work)
+    return rescaled(rows.to(work), mask, rescale).to(tensor.dtype).reshape(shape)

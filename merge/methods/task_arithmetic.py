@@ -1,0 +1,220 @@
+"""Task-vector methods: task arithmetic, TIES, DARE, breadcrumbs and DELLA (mergekit's
+"generalized task arithmetic"): sparsify each model's delta from the base, weight the deltas,
+optionally keep only those agreeing with the majority sign, sum, normalize, scale by lambda.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from evomerge.merge.methods import (
+    BasePolicy,
+    Generators,
+    MergeMethod,
+    ParamSpec,
+    Scope,
+    TensorGroup,
+    register,
+)
+from evomerge.merge.methods import sparsify as sp
+
+
+def sparsify(
+    kind: str | None,
+    delta: torch.Tensor,
+    params: dict[str, Any],
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    density = params["density"]
+    if kind is None:
+        return delta
+    if kind == "magnitude":
+        return sp.magnitude(delta, density, rescale)
+    if kind == "random":
+        return sp.bernoulli(delta, density, rescale, generator)
+    if kind == "magnitude_outliers":
+        return sp.magnitude_outliers(delta, density, rescale, params["gamma"])
+    if kind == "della_magprune":
+        return sp.della_magprune(delta, density, rescale, params["epsilon"], generator)
+    raise ValueError(kind)
+
+
+def merge_deltas(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    shared: dict[str, Any],
+    params: list[dict[str, Any]],
+    generators: Generators | None,
+    *,
+    sparsification: str | None,
+    consensus: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Merge stacked task vectors `deltas[i] = model_i - base` into the base.
+
+    `deltas` is not modified, so the in-memory merger can keep it resident across candidates.
+    """
+    if sparsification is not None:
+        sparse = torch.empty_like(deltas)
+        for i, delta in enumerate(deltas):
+            generator = generators(i) if generators is not None else None
+            sparse[i] = sparsify(sparsification, delta, params[i], shared["rescale"], generator)
+        deltas = sparse
+    weights = torch.tensor([p["weight"] for p in params], dtype=deltas.dtype, device=deltas.device)
+    weights = weights.reshape(-1, *([1] * (deltas.dim() - 1)))
+    weighted = deltas * weights
+    del deltas
+    if consensus:
+        # TIES sign election by summed weighted mass ("sum" consensus).
+        majority = (weighted.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        mask = weighted.sign().to(base.dtype) == majority
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if shared["normalize"]:
+        mixed /= divisor
+    if shared["lambda"] != 1:
+        mixed *= shared["lambda"]
+    if out is not None:
+        return torch.add(base, mixed, out=out)
+    return (base + mixed).to(base.dtype)
+
+
+def stack_deltas(group: TensorGroup) -> torch.Tensor:
+    base = group.base
+    others = group.non_base
+    deltas = base.new_empty((len(others), *base.shape))
+    for i, tensor in enumerate(others):
+        torch.sub(tensor, base, out=deltas[i])
+    return deltas
+
+
+def _make(
+    name: str,
+    sparsification: str | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    description: str,
+    reference: str,
+) -> MergeMethod:
+    params = [
+        ParamSpec("int8_mask", bool, Scope.SHARED, False),
+        ParamSpec("normalize", bool, Scope.SHARED, normalize),
+        ParamSpec("rescale", bool, Scope.SHARED, rescale),
+        ParamSpec("lambda", float, Scope.SHARED, 1.0),
+        ParamSpec("weight", float, Scope.NON_BASE),
+        ParamSpec("density", float, Scope.NON_BASE, 1.0),
+    ]
+    if sparsification == "magnitude_outliers":
+        params.append(ParamSpec("gamma", float, Scope.NON_BASE, 0.01))
+    if sparsification == "della_magprune":
+        params.append(ParamSpec("epsilon", float, Scope.NON_BASE, 0.15))
+
+    def merge(group, shared, per_input, generators):
+        if len(group.tensors) == 1:
+            return group.base
+        non_base = [p for i, p in enumerate(per_input) if i != group.base_index]
+        return merge_deltas(
+            group.base,
+            stack_deltas(group),
+            shared,
+            non_base,
+            generators,
+            sparsification=sparsification,
+            consensus=consensus,
+        )
+
+    return register(
+        MergeMethod(
+            name=name,
+            params=tuple(params),
+            merge=merge,
+            base=BasePolicy.REQUIRED,
+            stochastic=sparsification in ("random", "della_magprune"),
+            description=description,
+            reference=reference,
+            extras={"sparsification": sparsification, "consensus": consensus},
+        )
+    )
+
+
+_make(
+    "task_arithmetic",
+    None,
+    False,
+    False,
+    False,
+    "Task Arithmetic: base plus the weighted sum of task vectors.",
+    "https://arxiv.org/abs/2212.04089",
+)
+_make(
+    "ties",
+    "magnitude",
+    True,
+    True,
+    False,
+    "TIES: trim task vectors by magnitude, elect signs, merge the agreeing parts.",
+    "https://arxiv.org/abs/2306.01708",
+)
+_make(
+    "dare_ties",
+    "random",
+    True,
+    False,
+    True,
+    "DARE-TIES: drop task-vector entries at random and rescale, then TIES sign election.",
+    "https://arxiv.org/abs/2311.03099",
+)
+_make(
+    "dare_linear",
+    "random",
+    False,
+    False,
+    True,
+    "DARE: drop task-vector entries at random and rescale, then sum.",
+    "https://arxiv.org/abs/2311.03099",
+)
+_make(
+    "breadcrumbs",
+    "magnitude_outliers",
+    False,
+    False,
+    False,
+    "Model Breadcrumbs: drop the largest outliers and the smallest entries of task vectors.",
+    "https://arxiv.org/abs/2312.06795",
+)
+_make(
+    "breadcrumbs_ties",
+    "magnitude_outliers",
+    True,
+    False,
+    False,
+    "Model Breadcrumbs with TIES sign election.",
+    "https://arxiv.org/abs/2312.06795",
+)
+_make(
+    "della",
+    "della_magprune",
+    True,
+    True,
+    True,
+    "DELLA: drop entries with probability falling with magnitude rank, TIES sign election.",
+    "https://arxiv.org/abs/2406.11617",
+)
+_make(
+    "della_linear",
+    "della_magprune",
+    False,
+    False,
+    True,
+    "DELLA without sign election.",
+    "https://arxiv.org/abs/2406.11617",
+)

@@ -1,0 +1,254 @@
+"""The merge recipe: mergekit's YAML format, read and written with pydantic.
+
+A recipe names its inputs either as `models` (every layer of each model) or as `slices`
+(layer ranges of sources, stacked in order). `parameters` may appear at the top level, on
+a slice and on a source; the most specific one wins (see `parameters.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from evomerge.merge.errors import MergeError
+
+Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
+ScalarOrGradient = Scalar | list[Scalar]
+
+
+class ConditionalSetting(BaseModel):
+    """`{filter: self_attn, value: [0, 0.5, 1]}`: applies to tensors whose name contains filter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: str | None = None
+    value: ScalarOrGradient
+
+
+Setting = ScalarOrGradient | ConditionalSetting | list[ConditionalSetting]
+Parameters = dict[str, Setting]
+
+
+def _model_ref(value: Any) -> Any:
+    """Accept mergekit's reference forms and normalize them to 'path' or 'path@revision'."""
+    if isinstance(value, dict):
+        if value.get("lora"):
+            raise ValueError("LoRA model references are not supported; merge the adapter first")
+        inner = value.get("model", value)
+        if isinstance(inner, dict):
+            path, revision = inner.get("path"), inner.get("revision")
+            if not isinstance(path, str):
+                raise ValueError("a model reference needs a 'path'")
+            return f"{path}@{revision}" if revision else path
+        return inner
+    if isinstance(value, str) and "+" in value and not Path(value).exists():
+        raise ValueError(f"{value!r}: LoRA ('model+adapter') references are not supported")
+    return value
+
+
+ModelRef = Annotated[StrictStr, BeforeValidator(_model_ref)]
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def _dtype(value: Any) -> Any:
+    if value is None:
+        return None
+    if value not in _DTYPES:
+        raise ValueError(f"{value!r} is not a dtype; use one of float32, float16, bfloat16")
+    return _DTYPES[value]
+
+
+DType = Annotated[str | None, BeforeValidator(_dtype)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSlice(_Strict):
+    model: ModelRef
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(f"{list(value)} must be [start, end) with 0 <= start < end")
+        return value
+
+
+class InputModel(_Strict):
+    model: ModelRef
+    parameters: Parameters | None = None
+
+
+class OutputSlice(_Strict):
+    sources: list[SourceSlice]
+    base_model: ModelRef | None = None
+    residual_weight: float | None = None
+    parameters: Parameters | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _not_empty(cls, value: list[SourceSlice]) -> list[SourceSlice]:
+        if not value:
+            raise ValueError("a slice needs at least one source")
+        return value
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's newer `tokenizer:` block; only `source` is honoured."""
+
+    source: Literal["union", "base"] | ModelRef = "base"
+    pad_to_multiple_of: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tokens(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tokens"):
+            raise ValueError("per-token embedding settings ('tokens') are not supported")
+        return data
+
+
+class Recipe(_Strict):
+    """A mergekit-compatible merge recipe."""
+
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: ModelRef | None = None
+    parameters: Parameters | None = None
+    dtype: DType = None
+    out_dtype: DType = None
+    tokenizer_source: Literal["union", "base"] | ModelRef | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_modules(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "modules" in data:
+            raise ValueError(
+                "multi-module recipes ('modules') are not supported; use models or slices"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> Recipe:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of 'models' or 'slices' (and not an empty list)")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
+        return self
+
+    @property
+    def effective_tokenizer_source(self) -> str | None:
+        return self.tokenizer.source if self.tokenizer else self.tokenizer_source
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe names, in first-mention order (base model first)."""
+        refs: list[str] = [self.base_model] if self.base_model else []
+        for model in self.models or []:
+            refs.append(model.model)
+        for out_slice in self.slices or []:
+            if out_slice.base_model:
+                refs.append(out_slice.base_model)
+            refs.extend(source.model for source in out_slice.sources)
+        source = self.effective_tokenizer_source
+        if source not in (None, "union", "base"):
+            refs.append(source)
+        return list(dict.fromkeys(refs))
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.model_dump(mode="json", exclude_none=True))
+
+    @classmethod
+    def from_yaml(cls, text: str, origin: str = "recipe") -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise MergeError(f"{origin}: malformed YAML{where}: {problem}") from None
+        if not isinstance(data, dict):
+            raise MergeError(
+                f"{origin}: expected a YAML mapping with merge_method and models/slices"
+            )
+        return parse_recipe(data, origin)
+
+
+def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise MergeError(f"{origin}: {describe_validation_error(exc)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MergeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    return Recipe.from_yaml(text, origin=str(path))
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first pydantic error as 'field.path: message', counting the rest."""
+    errors = exc.errors()
+    # Union members each report a failure; prefer the most specific (deepest) one.
+    first = max(errors, key=lambda e: (e["type"] != "literal_error", len(e["loc"])))
+    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see mergekit's recipe format)"
+    return f"{loc}: {message}" if loc else message
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (
+        part.startswith(("function-", "literal[", "list[", "tuple["))
+        or part in {"str", "int", "float", "bool", "ConditionalSetting", "TokenizerConfig"}
+    )
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Writes numeric lists (gradients, layer ranges) in flow style, like mergekit."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    flow = all(isinstance(e, int | float) and not isinstance(e, bool) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_YamlDumper.add_representer(list, _represent_list)
+_YamlDumper.add_representer(tuple, _represent_list)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_YamlDumper, sort_keys=False)

@@ -1,0 +1,82 @@
+"""Model references: a local directory, or a Hugging Face Hub id with an optional @revision."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from evomerge.merge.errors import MergeError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+PICKLE_PATTERNS = ["*.bin", "*.bin.index.json"]
+SIDE_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    path: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        if Path(text).exists() or "@" not in text:
+            return cls(text)
+        path, _, revision = text.rpartition("@")
+        return cls(path, revision or None)
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).exists()
+
+    @property
+    def hub_id(self) -> str | None:
+        """The Hub repository id, for model cards; None for local directories."""
+        return None if self.is_local or not _HUB_ID.match(self.path) else self.path
+
+
+def resolve_model_dir(text: str, *, allow_pickle: bool = False) -> Path:
+    """A local directory holding the model, downloading a Hub model if needed."""
+    ref = ModelRef.parse(text)
+    path = Path(ref.path)
+    if path.exists():
+        if not path.is_dir():
+            raise MergeError(f"{text}: not a directory (a model is a folder with config.json)")
+        return path
+    if not _HUB_ID.match(ref.path):
+        raise MergeError(f"{text}: no such directory, and not a Hub id of the form 'org/name'")
+    return _download(ref, allow_pickle)
+
+
+def _download(ref: ModelRef, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = WEIGHT_PATTERNS + SIDE_FILES + (PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        return Path(snapshot_download(ref.path, revision=ref.revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise MergeError(
+            f"{ref}: not in the local Hugging Face cache and the Hub is unreachable or offline "
+            f"(HF_HUB_OFFLINE); fetch it beforehand with `hf download {ref.path}` "
+            "or give a local path"
+        ) from None
+    except GatedRepoError:
+        raise MergeError(
+            f"{ref}: gated on the Hub; accept its terms and log in (`hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise MergeError(f"{ref}: no such model on the Hub (or it is private: log in)") from None
+    except RevisionNotFoundError:
+        raise MergeError(f"{ref}: revision {ref.revision!r} not found on the Hub") from None
+    except OSError as exc:
+        raise MergeError(f"{ref}: cannot download from the Hub: {exc}") from None

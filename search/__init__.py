@@ -1,0 +1,1 @@
+"""How candidate merges are proposed (search spaces, optimizers, the search loop)."""
