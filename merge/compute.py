@@ -40,7 +40,7 @@ def input_tensors(plan: MergePlan, task: TensorTask, read: Reader) -> list[torch
     if tensors[0].is_floating_point():
         tensors = [t.to(task.compute_dtype) for t in tensors]
     if task.vocab_axis is not None and plan.vocabulary is not None:
-        base = plan.recipe.slices[task.slice_index].base_model if plan.recipe.slices else None
+        base = plan.slices[task.slice_index].base_model
         tensors = permute_rows(
             plan.vocabulary, [m for m, _ in task.inputs], tensors, base or plan.recipe.base_model
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +76,8 @@ class MergePlan:
     """For each output layer: the (model, source layer) of its slice's first source."""
     config_model: str
     vocabulary: Vocabulary | None
+    slices: list[OutputSlice]
+    """The recipe's slices; a `models:` recipe is one slice over every layer."""
 
     @property
     def num_layers(self) -> int:
@@ -117,7 +118,9 @@ def build_plan(
     planner = _Planner(recipe, method, checkpoints, layouts, slices, vocabulary)
     tasks, layer_sources = planner.plan()
     config_model = recipe.base_model or recipe.referenced_models()[0]
-    return MergePlan(recipe, method, checkpoints, tasks, layer_sources, config_model, vocabulary)
+    return MergePlan(
+        recipe, method, checkpoints, tasks, layer_sources, config_model, vocabulary, slices
+    )
 
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
@@ -303,11 +306,16 @@ def resolve_task(
 def reresolve(plan: MergePlan, recipe: Recipe) -> None:
     """Point an existing plan at new parameter values (same models, slices and method)."""
     slices = _normalized_slices(recipe, plan.checkpoints)
+    if _structure(slices) != _structure(plan.slices) or recipe.base_model != plan.recipe.base_model:
+        raise MergeError("the new recipe must keep the models, base model and layer ranges")
     _check_parameter_names(recipe, plan.method)
     for task in plan.tasks:
         resolve_task(recipe, plan.method, slices, task)
     plan.recipe = recipe
+    plan.slices = slices
 
 
-def model_dirs(plan: MergePlan) -> dict[str, Path]:
-    return {ref: ckpt.path for ref, ckpt in plan.checkpoints.items()}
+def _structure(slices: list[OutputSlice]) -> list:
+    return [
+        (s.base_model, [(src.model, tuple(src.layer_range)) for src in s.sources]) for s in slices
+    ]

@@ -44,7 +44,8 @@ def _load_tokenizer(ckpt: Checkpoint) -> PreTrainedTokenizerBase:
 
 def _real_vocab(tokenizer: PreTrainedTokenizerBase, ckpt: Checkpoint) -> dict[str, int]:
     size = ckpt.vocab_size or len(tokenizer.get_vocab())
-    return {tok: i for tok, i in tokenizer.get_vocab().items() if i < size}
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda e: e[1])  # by id, not hash order
+    return {tok: i for tok, i in vocab if i < size}
 
 
 def _union_tokenizer(
