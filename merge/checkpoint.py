@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,14 +34,33 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0
+    """Where the tensor's bytes start in a safetensors file."""
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header's tensor entries and the file offset where tensor data starts."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
+
+
+def _pread_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with plain reads: memory holds it alone, not a mapped file."""
+    nbytes = info.dtype.itemsize
+    for d in info.shape:
+        nbytes *= d
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    done = 0
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:]], info.offset + done)
+        if got <= 0:
+            raise MergeError(f"{info.file}: truncated safetensors file")
+        done += got
+    return buffer.view(info.dtype).reshape(info.shape)
 
 
 class Checkpoint:
@@ -54,6 +74,7 @@ class Checkpoint:
             raise MergeError(f"{ref}: no config.json in {path} (not a transformers model folder)")
         self.config: dict[str, Any] = json.loads((path / "config.json").read_text())
         self._handles: dict[tuple[Path, str], Any] = {}
+        self._fds: dict[Path, int] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self.tensors = self._index()
 
@@ -88,7 +109,7 @@ class Checkpoint:
         index: dict[str, TensorInfo] = {}
         for file in files:
             try:
-                header = read_safetensors_header(file)
+                header, data_start = read_safetensors_header(file)
             except (OSError, ValueError, struct.error) as exc:
                 raise MergeError(
                     f"{self.ref}: {file.name} is not a valid safetensors file ({exc})"
@@ -97,7 +118,8 @@ class Checkpoint:
                 dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise MergeError(f"{self.ref}: {name} has unsupported dtype {entry['dtype']}")
-                index[name] = TensorInfo(file, tuple(entry["shape"]), dtype)
+                start = data_start + entry["data_offsets"][0]
+                index[name] = TensorInfo(file, tuple(entry["shape"]), dtype, start)
         return index
 
     def _load_pickled(self, file: Path) -> dict[str, torch.Tensor]:
@@ -109,6 +131,10 @@ class Checkpoint:
         info = self.tensors[name]
         if info.file.suffix == ".bin":
             return self._load_pickled(info.file)[name].to(device)
+        if torch.device(device).type == "cpu":
+            if info.file not in self._fds:
+                self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            return _pread_tensor(self._fds[info.file], info)
         key = (info.file, str(device))
         handle = self._handles.get(key)
         if handle is None:
@@ -138,5 +164,8 @@ class Checkpoint:
         return archs[0]
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._handles.clear()
         self._pickled.clear()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.merge.methods.select import largest, smallest
+
 
 def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7):
     """Apply mask; with rescale, restore the L1 norm the tensor had before masking."""
@@ -20,11 +22,6 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float
     return masked * (before / after)
 
 
-def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
-    w = tensor.abs().reshape(-1)
-    return w.float() if w.device.type == "cpu" else w
-
-
 def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
     """Keep the `density` share of entries with the largest magnitude (TIES)."""
     if density >= 1:
@@ -32,8 +29,7 @@ def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tens
     if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    mask[torch.argsort(_magnitudes(tensor), descending=True)[:k]] = 1
+    mask = largest(tensor.abs().reshape(-1), k).to(tensor.dtype)
     return rescaled(tensor, mask.reshape_as(tensor), rescale)
 
 
@@ -46,10 +42,9 @@ def magnitude_outliers(
     n = tensor.numel()
     keep = int(density * n)
     n_bottom = max(0, n - keep - int(gamma * n))
-    order = torch.sort(_magnitudes(tensor), descending=False).indices
-    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
-    mask[order[n_bottom : n_bottom + keep]] = 1
-    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+    magnitudes = tensor.abs().reshape(-1)
+    window = smallest(magnitudes, n_bottom + keep) & ~smallest(magnitudes, n_bottom)
+    return rescaled(tensor, window.to(tensor.dtype).reshape_as(tensor), rescale)
 
 
 def _work_dtype(tensor: torch.Tensor) -> torch.dtype:

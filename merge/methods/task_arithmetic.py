@@ -68,9 +68,9 @@ def merge_deltas(
     weighted = deltas * weights
     del deltas
     if consensus:
-        # TIES sign election by summed weighted mass ("sum" consensus).
-        majority = (weighted.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-        mask = weighted.sign().to(base.dtype) == majority
+        # TIES sign election by summed weighted mass ("sum" consensus); zeros never agree.
+        majority_positive = weighted.sum(dim=0) >= 0
+        mask = torch.where(majority_positive, weighted > 0, weighted < 0)
         mixed = (weighted * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1
