@@ -96,7 +96,7 @@ class ShardedWriter:
         )
         self._order = [(s, e) for s, shard in enumerate(self.shards) for e in shard]
         self._next = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()

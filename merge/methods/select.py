@@ -14,7 +14,7 @@ import torch
 
 def _keys(magnitudes: torch.Tensor) -> tuple[torch.Tensor, int]:
     if magnitudes.dtype in (torch.bfloat16, torch.float16):
-        return magnitudes.view(torch.int16).to(torch.int32), 16
+        return magnitudes.view(torch.int16), 16
     if magnitudes.dtype == torch.float32:
         return magnitudes.view(torch.int32), 32
     raise TypeError(magnitudes.dtype)
