@@ -69,3 +69,64 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        Path, typer.Argument(help="A model folder, or a merge recipe (merged in memory, no disk).")
+    ],
+    tasks: Annotated[
+        str | None, typer.Option(help="Comma-separated lm-eval tasks, groups or tags.")
+    ] = None,
+    fitness: Annotated[
+        Path | None, typer.Option(help="A fitness spec (or search recipe) instead of --tasks.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="With --fitness: fitness, heldout or both.")] = "both",
+    include_path: Annotated[
+        list[Path] | None, typer.Option(help="A folder of task YAML files (repeatable).")
+    ] = None,
+    limit: Annotated[
+        float | None, typer.Option(help="Documents per task (or a fraction below 1).")
+    ] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples per prompt.")] = None,
+    batch_size: Annotated[
+        str | None, typer.Option(help="An integer, or auto (default: the spec's, else auto).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    apply_chat_template: Annotated[
+        bool, typer.Option(help="Wrap prompts in the tokenizer's chat template.")
+    ] = False,
+    max_gen_toks: Annotated[
+        int | None, typer.Option(help="Generation budget per answer (default: the task's).")
+    ] = None,
+    bootstrap_iters: Annotated[
+        int | None, typer.Option(help="Bootstrap draws for non-mean metrics' stderr.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="JSON file for the results (default runs/eval-NAME.json).")
+    ] = None,
+    log_samples: Annotated[bool, typer.Option(help="Also write every document's output.")] = False,
+) -> None:
+    """Score MODEL with lm-eval tasks: print metrics with standard errors and write them as JSON."""
+    from evomerge.evals.command import run_eval
+
+    run_eval(
+        model,
+        tasks=tasks,
+        fitness=fitness,
+        split=split,
+        include_path=include_path or [],
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        apply_chat_template=apply_chat_template,
+        max_gen_toks=max_gen_toks,
+        bootstrap_iters=bootstrap_iters,
+        output=output,
+        log_samples=log_samples,
+        echo=typer.echo,
+    )
