@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -31,7 +30,7 @@ from pydantic import (
 )
 
 from evomerge.evals.errors import EvalError
-from evomerge.merge.recipe import describe_validation_error
+from evomerge.merge.recipe import describe_validation_error, parse_yaml
 
 Split = Literal["fitness", "heldout"]
 
@@ -220,13 +219,7 @@ def load_fitness_spec(path: str | Path) -> FitnessSpec:
         text = path.read_text()
     except OSError as exc:
         raise EvalError(f"{path}: cannot read the fitness spec: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise EvalError(f"{path}: malformed YAML{where}: {problem}") from None
+    data = parse_yaml(text, str(path), EvalError)
     if isinstance(data, dict) and "fitness" in data:
         return parse_fitness_spec(data["fitness"], f"{path}: fitness", path.parent)
     return parse_fitness_spec(data, str(path), path.parent)

@@ -188,18 +188,23 @@ class Recipe(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str, origin: str = "recipe") -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise MergeError(f"{origin}: malformed YAML{where}: {problem}") from None
+        data = parse_yaml(text, origin)
         if not isinstance(data, dict):
             raise MergeError(
                 f"{origin}: expected a YAML mapping with merge_method and models/slices"
             )
         return parse_recipe(data, origin)
+
+
+def parse_yaml(text: str, origin: str, error: type[MergeError] = MergeError) -> Any:
+    """YAML text to data; a syntax error becomes one line naming the file and line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise error(f"{origin}: malformed YAML{where}: {problem}") from None
 
 
 def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
