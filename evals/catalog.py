@@ -60,6 +60,13 @@ class TaskCatalog:
                 raise broken
         return _full_manager(self._indexed)
 
+    def check(self, names: Sequence[str]) -> None:
+        """Every name is a known task, group or tag (nothing is built, nothing downloaded)."""
+        manager = self.manager(names)
+        for name in names:
+            if name not in manager.task_index:
+                raise self._unknown(name, manager)
+
     def load(self, names: Sequence[str], *, leaf_only: bool = False) -> TaskDict:
         """Build the named tasks, groups or tags; any problem is one EvalError line."""
         manager = self.manager(names)

@@ -55,6 +55,42 @@ def merge(
     typer.echo(f"wrote {out_dir}")
 
 
+@app.command()
+def search(
+    recipe: Annotated[Path, typer.Argument(help="A search recipe (see recipes/demo.yaml).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: the recipe's out, else runs/NAME).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the search recorded in the output folder's study.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate, print the space and a cost estimate; load nothing.")
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the recipe's).")
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="An Optuna storage URL (default: SQLite in the output).")
+    ] = None,
+) -> None:
+    """Evolve the merge recipe RECIPE; write the best recipe, its model and a report."""
+    from evomerge.search.command import run_search_command
+
+    try:
+        run_search_command(
+            recipe,
+            out=out,
+            resume=resume,
+            dry_run=dry_run,
+            device=device,
+            storage=storage,
+            echo=typer.echo,
+        )
+    except MergeError as exc:
+        raise MergeError(with_origin(str(exc), recipe)) from None
+
+
 def with_origin(message: str, path: Path) -> str:
     """Prefix an error with the recipe file it came from, once."""
     return message if message.startswith(str(path)) else f"{path}: {message}"

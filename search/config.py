@@ -1,0 +1,163 @@
+"""The search recipe: a mergekit merge recipe whose numbers are searched, the search space,
+the fitness spec, the budget and the optimizer. Read from YAML and validated before any model
+is touched; every error is one line naming the field.
+
+    merge:                        # a mergekit recipe; the method defaults to dare_ties
+      base_model: mistralai/Mistral-7B-v0.1
+      models: [{model: a/x}, {model: b/y}]
+      dtype: bfloat16
+    space:
+      parameters:                 # searched per model (or recipe-wide for t, lambda ...)
+        weight: {low: 0, high: 1, init: 0.5, sigma: 0.1667}
+        density: {low: 0.1, high: 1}
+      layer_granularity: 8        # one value per group of 8 layers; omit for one per model
+      filters: [self_attn, mlp]   # own values for these tensors (the rest share a third)
+    fitness: fitness.yaml         # or the spec inline (see evomerge.evals.spec)
+    budget: {evaluations: 1000, seconds: 86400}
+    optimizer: {name: CMA, population: 20}
+    seed: 0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.evals.spec import FitnessSpec
+from evomerge.merge.recipe import Recipe, describe_validation_error, parse_yaml
+from evomerge.search.errors import SearchError
+
+DEFAULT_METHOD = "dare_ties"  # Sakana's parameter-space setting
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParameterRange(_Strict):
+    """Bounds, start and step of one searched parameter, in the parameter's own units."""
+
+    low: float = 0.0
+    high: float = 1.0
+    init: float | None = None  # default: the middle of the range
+    sigma: float | None = Field(default=None, gt=0)  # default: a sixth of the range
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ParameterRange:
+        if not self.low < self.high:
+            raise ValueError(
+                f"bounds inverted or empty: low ({self.low}) must be below high ({self.high})"
+            )
+        if self.init is not None and not self.low <= self.init <= self.high:
+            raise ValueError(f"init {self.init} lies outside [{self.low}, {self.high}]")
+        return self
+
+    @property
+    def start(self) -> float:
+        return (self.low + self.high) / 2 if self.init is None else self.init
+
+    @property
+    def step(self) -> float:
+        return (self.high - self.low) / 6 if self.sigma is None else self.sigma
+
+
+class SpaceSpec(_Strict):
+    parameters: dict[str, ParameterRange] = Field(min_length=1)
+    layer_granularity: int | None = Field(default=None, gt=0)
+    filters: list[str] = []
+    models: list[str] | None = None  # which of merge.models get genes (default: all but base)
+    num_layers: int | None = Field(default=None, gt=0)  # for --dry-run of Hub models offline
+
+
+class BudgetSpec(_Strict):
+    evaluations: int | None = Field(default=None, gt=0)
+    seconds: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetSpec:
+        if self.evaluations is None and self.seconds is None:
+            raise ValueError("give evaluations, seconds, or both")
+        return self
+
+
+class OptimizerSpec(_Strict):
+    backend: Literal["nevergrad", "optuna"] = "nevergrad"
+    name: str = "CMA"  # a Nevergrad optimizer, or an Optuna sampler class name
+    population: int | None = Field(default=None, gt=0)  # candidates evaluated per generation
+    options: dict[str, Any] = {}  # keyword arguments for the optimizer or sampler
+
+
+class SearchRecipe(_Strict):
+    merge: Recipe
+    space: SpaceSpec
+    fitness: FitnessSpec
+    budget: BudgetSpec
+    optimizer: OptimizerSpec = OptimizerSpec()
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = Field(default=None, gt=0)  # CPU threads (default 1 on CPU)
+    storage: str | None = None  # an Optuna storage URL (default: SQLite in the output dir)
+    study_name: str = "evomerge"
+    out: Path | None = None  # default: runs/<recipe file stem>
+    demo_family: Path | None = None  # build the demo family here first when it is missing
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("merge"), dict):
+            data = {**data, "merge": {"merge_method": DEFAULT_METHOD, **data["merge"]}}
+        return data
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides which trials the search makes (not where it writes
+        or how long it runs), to refuse resuming with a changed recipe."""
+        decisive = self.model_dump(
+            mode="json", include={"merge", "space", "fitness", "optimizer", "seed"}
+        )
+        decisive["fitness"].pop("include_path", None)
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_search_recipe(data: Any, origin: str, base_dir: Path | None = None) -> SearchRecipe:
+    if not isinstance(data, dict):
+        raise SearchError(f"{origin}: expected a mapping with merge, space, fitness and budget")
+    if isinstance(data.get("fitness"), str) and base_dir is not None:
+        data = {**data, "fitness": _fitness_file(base_dir / data["fitness"], origin)}
+    elif isinstance(data.get("fitness"), dict) and base_dir is not None:
+        paths = data["fitness"].get("include_path") or []
+        data = {
+            **data,
+            "fitness": {
+                **data["fitness"],
+                "include_path": [str(base_dir / p) for p in paths],
+            },
+        }
+    try:
+        return SearchRecipe.model_validate(data)
+    except ValidationError as exc:
+        raise SearchError(f"{origin}: {describe_validation_error(exc)}") from None
+
+
+def _fitness_file(path: Path, origin: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SearchError(f"{origin}: fitness: cannot read {path}: {exc.strerror}") from None
+    data = parse_yaml(text, str(path), SearchError)
+    if not isinstance(data, dict):
+        raise SearchError(f"{path}: expected a fitness spec mapping with a 'tasks' list")
+    paths = data.get("include_path") or []
+    return {**data, "include_path": [str(path.parent / p) for p in paths]}
+
+
+def load_search_recipe(path: str | Path) -> SearchRecipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SearchError(f"{path}: cannot read the search recipe: {exc.strerror}") from None
+    return parse_search_recipe(parse_yaml(text, str(path), SearchError), str(path), path.parent)

@@ -1,0 +1,415 @@
+"""The search loop: propose a generation, evaluate it, record every result as it finishes,
+tell the optimizer, until the budget is spent. Then judge the best merge against the sources
+and the uniform merge on both splits, write it, and write the report.
+
+    search = Search.prepare(recipe, out_dir)   # every check, nothing loaded
+    summary = search.run(resume=False)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.evals.results import EvalResult
+from evomerge.evals.spec import FitnessSpec
+from evomerge.merge.recipe import Recipe, dump_yaml
+from evomerge.search.config import SearchRecipe
+from evomerge.search.errors import SearchError
+from evomerge.search.executor import Executor, SerialExecutor
+from evomerge.search.journal import Journal, recipe_hash
+from evomerge.search.optimizers import MULTI_OBJECTIVE, check_optimizer, make_optimizer
+from evomerge.search.records import ModelScores, Outcome, SearchSummary, TrialRecord
+from evomerge.search.space import ParameterSpace
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Search:
+    recipe: SearchRecipe
+    out: Path
+    space: ParameterSpace
+    objectives: list[str]
+    storage: str
+    title: str = "search"
+
+    @classmethod
+    def prepare(
+        cls, recipe: SearchRecipe, out: Path, *, storage: str | None = None, title: str = "search"
+    ) -> Search:
+        """Everything that can be checked without loading a model or a dataset."""
+        check_optimizer(recipe.optimizer)
+        if recipe.demo_family is not None:
+            ensure_demo_family(recipe.demo_family)
+        space = ParameterSpace(recipe.merge, recipe.space, num_layers(recipe))
+        objectives = [entry.task for entry in recipe.fitness.tasks]
+        storage = storage or recipe.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        return cls(recipe, out, space, objectives, storage, title)
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.recipe.optimizer.backend == "optuna" and (
+            self.recipe.optimizer.name in MULTI_OBJECTIVE
+        )
+
+    def run(
+        self,
+        *,
+        resume: bool = False,
+        echo: Echo = print,
+        progress: bool = True,
+        executor: Executor | None = None,
+        write_model: bool = True,
+    ) -> SearchSummary:
+        from evomerge.evals.suite import prepare_suites
+
+        recipe = self.recipe
+        suites = prepare_suites(recipe.fitness)  # builds the tasks: a missing one fails here
+        self.out.mkdir(parents=True, exist_ok=True)
+        journal = Journal(
+            self.storage,
+            recipe.study_name,
+            self.space.genes,
+            self.objectives,
+            recipe.fingerprint(),
+            multi_objective=self.multi_objective,
+            resume=resume,
+            where=f"{self.out}: ",
+        )
+        _set_threads(recipe)
+        budget = recipe.budget.evaluations
+        optimizer = make_optimizer(
+            self.space, recipe.optimizer, journal, budget=budget, seed=recipe.seed
+        )
+        if executor is None:
+            executor = SerialExecutor(
+                self.space.to_recipe(self.space.init()),
+                suites,
+                device=recipe.device,
+                seed=recipe.seed,
+            )
+        try:
+            self._loop(journal, optimizer, executor, echo, progress)
+            summary = self._finish(journal, executor, echo, write_model)
+        finally:
+            executor.close()
+        return summary
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _loop(self, journal, optimizer, executor: Executor, echo: Echo, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        budget = self.recipe.budget
+        seconds_before = float(journal.get_attr("seconds", 0.0))
+        started = time.monotonic()
+        finished = len(journal.finished())
+        if finished:
+            echo(f"resuming: {finished} finished trials in {self.storage}")
+        bar = tqdm(
+            total=budget.evaluations,
+            initial=finished,
+            unit="eval",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        scored_before = [r.outcome.fitness for r in journal.finished() if not r.outcome.failed]
+        best = max(scored_before, default=None)
+        tell_seconds = 0.0
+        while True:
+            elapsed = seconds_before + time.monotonic() - started
+            done = optimizer.proposed
+            if budget.evaluations is not None and done >= budget.evaluations:
+                break
+            if budget.seconds is not None and elapsed >= budget.seconds:
+                echo(f"wall-clock budget of {budget.seconds:g} s reached")
+                break
+            n = optimizer.population
+            if budget.evaluations is not None:
+                n = min(n, budget.evaluations - done)
+            tick = time.perf_counter()
+            proposals = optimizer.ask(n)
+            ask_seconds = (time.perf_counter() - tick + tell_seconds) / max(len(proposals), 1)
+            todo = [p for p in proposals if p.done is None]
+            recipes = [self.space.to_recipe(p.genome) for p in todo]
+            outcomes: dict[int, Outcome] = {}
+            for proposal, recipe, outcome in zip(
+                todo, recipes, executor.evaluate(recipes), strict=True
+            ):
+                outcome.seconds["optimizer"] = ask_seconds
+                optimizer.record(proposal, outcome, recipe_hash(recipe))
+                outcomes[proposal.number] = outcome
+                bar.update(1)
+            tick = time.perf_counter()
+            generation = [
+                proposal.done.outcome if proposal.done else outcomes[proposal.number]
+                for proposal in proposals
+            ]
+            for proposal, outcome in zip(proposals, generation, strict=True):
+                optimizer.tell(proposal, outcome)
+            tell_seconds = time.perf_counter() - tick
+            scored = [o.fitness for o in generation if not o.failed]
+            if scored:
+                best = max(scored + ([best] if best is not None else []))
+            if todo:
+                journal.set_attr("seconds", seconds_before + time.monotonic() - started)
+                bar.set_postfix(
+                    gen=proposals[0].generation,
+                    best=f"{best:.4f}" if best is not None else "-",
+                    mean=f"{sum(scored) / len(scored):.4f}" if scored else "-",
+                    failed=sum(o.failed for o in generation),
+                    refresh=False,
+                )
+        bar.close()
+
+    # --- the end -------------------------------------------------------------------------------
+
+    def _finish(
+        self, journal: Journal, executor: Executor, echo: Echo, write_model: bool
+    ) -> SearchSummary:
+        from evomerge.search.report import write_report
+
+        trials = journal.finished()
+        completed = [t for t in trials if not t.outcome.failed]
+        if not completed:
+            raise SearchError(
+                f"{self.out}: no candidate could be evaluated ({len(trials)} failed; first: "
+                f"{trials[0].outcome.error if trials else 'none ran'}); see the study for errors"
+            )
+        best = max(completed, key=lambda t: (t.outcome.fitness, -t.number))
+        pareto = _pareto(completed, self.objectives) if self.multi_objective else []
+        best_recipe = self.space.to_recipe(best.genome)
+        best_yaml = _best_recipe_text(best_recipe, best, self)
+        _write_text(self.out / "best_recipe.yaml", best_yaml)
+        if pareto:
+            for number in pareto:
+                trial = next(t for t in completed if t.number == number)
+                text = _best_recipe_text(self.space.to_recipe(trial.genome), trial, self)
+                _write_text(self.out / "pareto" / f"trial-{number}.yaml", text)
+        echo(f"best: trial {best.number}, fitness {best.outcome.fitness:.4f}")
+        references = self._references(journal, executor, best_recipe, echo)
+        _write_text(
+            self.out / "scores.json",
+            json.dumps([r.to_dict() for r in references], indent=2) + "\n",
+        )
+        journal.study.trials_dataframe().to_csv(self.out / "trials.csv", index=False)
+        if write_model:
+            self._write_model(best_recipe, echo)
+        summary = SearchSummary(
+            title=self.title,
+            genes=self.space.genes,
+            trials=trials,
+            best=best,
+            references=references,
+            objectives=self.objectives,
+            pareto=pareto,
+            best_recipe_yaml=best_yaml,
+            settings=self._settings(),
+        )
+        report = write_report(summary, self.out)
+        echo(f"wrote {self.out / 'best_recipe.yaml'}, {report}")
+        return summary
+
+    def _references(
+        self, journal: Journal, executor: Executor, best_recipe: Recipe, echo: Echo
+    ) -> list[ModelScores]:
+        """Sources, uniform merge and best merge on both splits (cached in the study)."""
+        cached = journal.get_attr("references")
+        key = recipe_hash(best_recipe)
+        if cached and cached.get("best") == key:
+            return [ModelScores.from_dict(d) for d in cached["scores"]]
+        echo("scoring the sources, the uniform merge and the best merge on both splits")
+        references = [
+            _source_scores(model, self.recipe, executor)
+            for model in self.recipe.merge.referenced_models()
+        ]
+        uniform = self.space.to_recipe(self.space.init())
+        references.append(_merge_scores("uniform merge", "uniform", uniform, executor))
+        references.append(_merge_scores("best merge", "best", best_recipe, executor))
+        journal.set_attr("references", {"best": key, "scores": [r.to_dict() for r in references]})
+        return references
+
+    def _write_model(self, best_recipe: Recipe, echo: Echo) -> None:
+        from evomerge.merge.materialize import run_merge
+
+        target = self.out / "model"
+        run_merge(best_recipe, target, device=self.recipe.device, seed=self.recipe.seed,
+                  overwrite=True)
+        echo(f"wrote the best merge to {target}")
+
+    def _settings(self) -> dict[str, Any]:
+        r = self.recipe
+        return {
+            "method": r.merge.merge_method,
+            "genes": len(self.space),
+            "optimizer": f"{r.optimizer.backend}:{r.optimizer.name}",
+            "population": getattr(r.optimizer, "population", None) or "default",
+            "budget": r.budget.model_dump(exclude_none=True),
+            "seed": r.seed,
+            "device": r.device,
+            "storage": _redact(self.storage),
+        }
+
+
+def num_layers(recipe: SearchRecipe) -> int | None:
+    """The layer count of the merge's config model, read without downloading anything."""
+    import json
+
+    from evomerge.merge.refs import ModelRef
+
+    ref = ModelRef.parse(recipe.merge.base_model or recipe.merge.models[0].model)  # type: ignore[index]
+    config = Path(ref.path) / "config.json"
+    if not ref.is_local and ref.hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref.hub_id, "config.json", revision=ref.revision)
+        config = Path(cached) if isinstance(cached, str) else Path("/nonexistent")
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data = data.get("text_config", data)
+        if isinstance(data.get("num_hidden_layers"), int):
+            return data["num_hidden_layers"]
+    if ref.is_local:
+        raise SearchError(f"merge: {ref.path} has no config.json with num_hidden_layers")
+    return recipe.space.num_layers
+
+
+def _source_scores(model: str, recipe: SearchRecipe, executor: Executor) -> ModelScores:
+    single = Recipe.model_validate(
+        {
+            "merge_method": "passthrough",
+            "models": [{"model": model}],
+            "dtype": recipe.merge.dtype,
+            "tokenizer_source": recipe.merge.effective_tokenizer_source,
+        }
+    )
+    name = Path(model).name if Path(model).exists() else model
+    return _merge_scores(name, "source", single, executor, fresh=True, device=recipe.device)
+
+
+def _merge_scores(
+    name: str,
+    kind: str,
+    recipe: Recipe,
+    executor: Executor,
+    *,
+    fresh: bool = False,
+    device: str = "auto",
+) -> ModelScores:
+    results = {}
+    if fresh:  # a model of its own: its shapes or dtype may differ from the candidates'
+        from evomerge.evals.evaluator import Evaluator
+        from evomerge.merge.resident import ResidentMerger
+
+        merger = ResidentMerger(recipe, device=device)
+        model = merger.build_model()
+        evaluator = Evaluator(model, merger.tokenizer(), executor.evaluator.suites)  # type: ignore[attr-defined]
+        try:
+            for split in ("fitness", "heldout"):
+                if split in evaluator.suites:
+                    results[split] = evaluator.score(split)
+        finally:
+            evaluator.close()
+            del model, merger
+    else:
+        for split in ("fitness", "heldout"):
+            if split in executor.evaluator.suites:  # type: ignore[attr-defined]
+                results[split] = executor.score(recipe, split)
+    return _model_scores(name, kind, results)
+
+
+def _model_scores(name: str, kind: str, results: dict[str, EvalResult]) -> ModelScores:
+    def table(split: str) -> dict[str, tuple[float, float | None]]:
+        result = results.get(split)
+        return {s.task: (s.value, s.stderr) for s in result.scores} if result else {}
+
+    heldout = results.get("heldout")
+    return ModelScores(
+        name=name,
+        kind=kind,
+        fitness=table("fitness"),
+        heldout=table("heldout"),
+        fitness_total=results["fitness"].fitness if "fitness" in results else None,
+        heldout_total=heldout.fitness if heldout else None,
+        heldout_total_stderr=heldout.fitness_stderr if heldout else None,
+    )
+
+
+def _pareto(trials: list[TrialRecord], objectives: list[str]) -> list[int]:
+    def dominated(a: TrialRecord) -> bool:
+        va = [a.outcome.scores[o] for o in objectives]
+        for b in trials:
+            vb = [b.outcome.scores[o] for o in objectives]
+            if all(x >= y for x, y in zip(vb, va, strict=True)) and vb != va:
+                return True
+        return False
+
+    return [t.number for t in trials if not dominated(t)]
+
+
+def _best_recipe_text(recipe: Recipe, trial: TrialRecord, search: Search) -> str:
+    header = (
+        f"# Found by evomerge search ({search.title}): trial {trial.number}, "
+        f"fitness {trial.outcome.fitness:.4f}.\n"
+        f"# Rebuild: evomerge merge best_recipe.yaml OUT --seed {search.recipe.seed}"
+        " (or mergekit-yaml)\n"
+    )
+    return header + dump_yaml(recipe.model_dump(mode="json", exclude_none=True))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _redact(storage: str) -> str:
+    """A storage URL without its password."""
+    if "://" in storage and "@" in storage:
+        scheme, rest = storage.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return storage
+
+
+def _set_threads(recipe: SearchRecipe) -> None:
+    from evomerge.merge.compute import resolve_device
+
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    elif resolve_device(recipe.device).type == "cpu":
+        torch.set_num_threads(1)  # small models on a shared CPU: more threads were slower
+
+
+def ensure_demo_family(folder: Path) -> None:
+    """Copy the demo family from the cache (building it there first, once) into `folder`."""
+    import shutil
+
+    from evomerge.demo_family import default_cache_dir, ensure_demo_family
+
+    if (folder / "skills.json").is_file():
+        return
+    if folder.exists():
+        raise SearchError(
+            f"demo_family: {folder} exists but holds no complete demo family; remove it"
+        )
+    cache = default_cache_dir()
+    print(f"demo family: building or reusing it in {cache} (about a minute the first time)")
+    source = ensure_demo_family(cache)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    tmp.rename(folder)
+
+
+__all__ = ["FitnessSpec", "Search"]

@@ -1,0 +1,219 @@
+"""Optimizers behind one ask/tell interface: Nevergrad (CMA-ES by default, any registered
+optimizer by name) and Optuna samplers. Both work on the journal, so a resumed search continues
+as if it had never stopped:
+
+- Nevergrad: the optimizer is rebuilt with the same seed and the finished trials are replayed
+  in order (each asked candidate must equal the stored genome; its stored result is told).
+- Optuna: samplers read their history from the study; trials a killed process had asked but
+  not told are evaluated first. Each trial gets a sampler seeded from the search seed and its
+  trial number, so the sequence does not depend on where the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from evomerge.search.config import OptimizerSpec
+from evomerge.search.errors import SearchError
+from evomerge.search.journal import Journal
+from evomerge.search.records import Outcome, TrialRecord
+from evomerge.search.space import ParameterSpace
+
+WORST_LOSS = 1e9  # what a failed candidate tells a minimizing optimizer (CMA-ES ranks only)
+OPTUNA_SAMPLERS = (
+    "CmaEsSampler",
+    "TPESampler",
+    "NSGAIISampler",
+    "NSGAIIISampler",
+    "RandomSampler",
+    "QMCSampler",
+    "GPSampler",
+)
+MULTI_OBJECTIVE = {"NSGAIISampler", "NSGAIIISampler"}
+
+
+@dataclass
+class Proposal:
+    number: int  # the trial number it gets (or has) in the study
+    generation: int
+    genome: list[float]
+    handle: Any = None  # the optimizer's own object (a Nevergrad candidate, an Optuna trial)
+    done: TrialRecord | None = None  # already evaluated in an earlier run: tell, do not evaluate
+
+
+def default_population(n_genes: int) -> int:
+    """CMA-ES's default population size, 4 + floor(3 ln n)."""
+    return 4 + int(3 * math.log(max(n_genes, 1)))
+
+
+def check_optimizer(spec: OptimizerSpec) -> None:
+    """Fail on an unknown optimizer before anything is loaded."""
+    if spec.backend == "nevergrad":
+        import nevergrad as ng
+
+        if spec.name not in ng.optimizers.registry:
+            import difflib
+
+            close = difflib.get_close_matches(spec.name, list(ng.optimizers.registry), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise SearchError(
+                f"optimizer.name: {spec.name!r} is not a Nevergrad optimizer{hint} "
+                "(e.g. CMA, NGOpt, DE, TwoPointsDE, PSO, RandomSearch)"
+            )
+        if spec.options and spec.name != "CMA":
+            raise SearchError(
+                "optimizer.options: only CMA takes options with the nevergrad backend "
+                "(they go to nevergrad.families.ParametrizedCMA)"
+            )
+    elif spec.name not in OPTUNA_SAMPLERS:
+        raise SearchError(
+            f"optimizer.name: {spec.name!r} is not an Optuna sampler; use one of "
+            f"{', '.join(OPTUNA_SAMPLERS)}"
+        )
+
+
+class NevergradOptimizer:
+    def __init__(
+        self,
+        space: ParameterSpace,
+        spec: OptimizerSpec,
+        journal: Journal,
+        *,
+        budget: int | None,
+        seed: int,
+    ):
+        import nevergrad as ng
+
+        self.space, self.journal = space, journal
+        self.population = spec.population or default_population(len(space))
+        unit_init = np.array(space.to_unit(space.init()))
+        unit_sigma = np.array([g.sigma / (g.high - g.low) for g in space.genes])
+        parametrization = ng.p.Array(init=unit_init, lower=0.0, upper=1.0)
+        parametrization.set_mutation(sigma=unit_sigma)
+        parametrization.random_state.seed(seed)
+        if spec.name == "CMA":
+            options = {"popsize": self.population, **spec.options}
+            factory = ng.families.ParametrizedCMA(**options)
+        else:
+            factory = ng.optimizers.registry[spec.name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "bounds narrower than 3 sigma" and the like
+            self.optimizer = factory(parametrization, budget=budget, num_workers=self.population)
+        self.replay = journal.finished()
+        self.count = 0
+
+    @property
+    def proposed(self) -> int:
+        """Candidates proposed so far, replayed ones included."""
+        return self.count
+
+    def ask(self, n: int) -> list[Proposal]:
+        generation = self.count // self.population
+        proposals = []
+        for _ in range(n):
+            candidate = self.optimizer.ask()
+            genome = self.space.from_unit(candidate.value)
+            done = None
+            if self.count < len(self.replay):
+                done = self.replay[self.count]
+                if not np.allclose(done.genome, genome, rtol=0, atol=1e-9):
+                    raise SearchError(
+                        f"resume: trial {done.number} in the study differs from what the "
+                        "optimizer proposes now (another nevergrad version or a changed "
+                        "recipe?); start a new study"
+                    )
+            proposals.append(Proposal(self.count, generation, genome, candidate, done))
+            self.count += 1
+        return proposals
+
+    def record(self, proposal: Proposal, outcome: Outcome, recipe: str) -> None:
+        self.journal.add(proposal.generation, proposal.genome, outcome, recipe)
+
+    def tell(self, proposal: Proposal, outcome: Outcome) -> None:
+        loss = WORST_LOSS if outcome.failed else -float(outcome.fitness)  # type: ignore[arg-type]
+        self.optimizer.tell(proposal.handle, loss)
+
+
+class OptunaOptimizer:
+    def __init__(self, space: ParameterSpace, spec: OptimizerSpec, journal: Journal, *, seed: int):
+        self.space, self.journal, self.spec, self.seed = space, journal, spec, seed
+        self.population = spec.population or default_population(len(space))
+        self.pending = journal.running()
+
+    @property
+    def proposed(self) -> int:
+        """Trials asked so far, less those an earlier process left unevaluated."""
+        return self.journal.n_trials() - len(self.pending)
+
+    def _sampler(self, number: int):
+        import optuna
+
+        cls = getattr(optuna.samplers, self.spec.name)
+        options = dict(self.spec.options)
+        if self.spec.name == "CmaEsSampler":
+            options.setdefault("popsize", self.population)
+        elif self.spec.name in MULTI_OBJECTIVE:
+            options.setdefault("population_size", self.population)
+        try:
+            return cls(seed=(self.seed * 1_000_003 + number) % 2**32, **options)
+        except TypeError as exc:
+            raise SearchError(f"optimizer.options: {self.spec.name}: {exc}") from None
+
+    def ask(self, n: int) -> list[Proposal]:
+        import optuna
+
+        proposals = []
+        study = self.journal.study
+        for _ in range(n):
+            frozen = self._next_pending()
+            if frozen is not None:
+                trial = optuna.trial.Trial(study, frozen._trial_id)
+                genome = [float(frozen.params[g.name]) for g in self.space.genes]
+            else:
+                study.sampler = self._sampler(self.journal.n_trials())
+                trial = study.ask()
+                genome = [trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes]
+            generation = trial.number // self.population
+            proposals.append(Proposal(trial.number, generation, genome, trial))
+        return proposals
+
+    def _next_pending(self):
+        """A trial an earlier process asked but never told; one killed while its parameters
+        were being drawn is closed as failed."""
+        from optuna.trial import TrialState
+
+        while self.pending:
+            frozen = self.pending.pop(0)
+            if all(g.name in frozen.params for g in self.space.genes):
+                return frozen
+            self.journal.study.tell(frozen.number, state=TrialState.FAIL)
+        return None
+
+    def record(self, proposal: Proposal, outcome: Outcome, recipe: str) -> None:
+        from optuna.trial import TrialState
+
+        trial = proposal.handle
+        for key, value in self.journal.attrs(proposal.generation, outcome, recipe).items():
+            trial.set_user_attr(key, value)
+        values = self.journal.values(outcome)
+        if values is None:
+            self.journal.study.tell(trial, state=TrialState.FAIL)
+        else:
+            self.journal.study.tell(trial, values)
+
+    def tell(self, proposal: Proposal, outcome: Outcome) -> None:
+        """Optuna samplers learn from the study itself; `record` already told it."""
+
+
+def make_optimizer(
+    space: ParameterSpace, spec: OptimizerSpec, journal: Journal, *, budget: int | None, seed: int
+) -> NevergradOptimizer | OptunaOptimizer:
+    check_optimizer(spec)
+    if spec.backend == "nevergrad":
+        return NevergradOptimizer(space, spec, journal, budget=budget, seed=seed)
+    return OptunaOptimizer(space, spec, journal, seed=seed)

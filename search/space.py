@@ -1,0 +1,198 @@
+"""The parameter space: a genome (one number per gene) to a mergekit recipe and back.
+
+Genes are laid out parameter by parameter, then model, then filter, then layer group. A gene
+with a layer group becomes entries of a per-layer list (one value per layer, mergekit's
+gradient form, so interpolation between equal neighbours is exact); a model's filters become
+`{filter, value}` entries, with a last entry without filter for the remaining tensors.
+Embeddings, the final norm and lm_head read a list's first value, as in mergekit.
+
+Optimizers see the unit cube: `to_unit` and `from_unit` map each gene's [low, high] onto [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import PurePath
+from typing import Any
+
+from evomerge.merge.methods import MergeMethod, Scope, get_method
+from evomerge.merge.parameters import evaluate_setting
+from evomerge.merge.recipe import Recipe
+from evomerge.search.config import SpaceSpec
+from evomerge.search.errors import SearchError
+from evomerge.search.records import Gene
+
+OTHER = "*"  # the filter label of tensors that match none of the space's filters
+
+
+class ParameterSpace:
+    def __init__(self, template: Recipe, spec: SpaceSpec, num_layers: int | None):
+        if not template.models:
+            raise SearchError(
+                "merge: a parameter-space search needs 'models' (not 'slices') in its recipe"
+            )
+        self.template = template
+        self.method: MergeMethod = get_method(template.merge_method)
+        self.num_layers = num_layers
+        self.groups = self._layer_groups(spec, num_layers)
+        self.models = self._searched_models(template, spec)
+        self.filters: list[str | None] = [*spec.filters, OTHER] if spec.filters else [None]
+        self.genes: list[Gene] = []
+        labels = _short_names(self.models)
+        for param, bounds in spec.parameters.items():
+            for model in self.models if self._per_model(param) else [None]:
+                for filt in self.filters:
+                    for layers in self.groups:
+                        parts = [param, labels[model] if model else None, filt, _span(layers)]
+                        self.genes.append(
+                            Gene(
+                                name=".".join(p for p in parts if p is not None),
+                                param=param,
+                                model=model,
+                                filter=filt,
+                                layers=layers,
+                                low=bounds.low,
+                                high=bounds.high,
+                                init=bounds.start,
+                                sigma=bounds.step,
+                            )
+                        )
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def _per_model(self, param: str) -> bool:
+        spec = self.method.param(param)
+        if spec is None:
+            names = ", ".join(p.name for p in self.method.params) or "no parameters"
+            raise SearchError(
+                f"space.parameters.{param}: merge method {self.method.name} has no parameter "
+                f"{param!r}; it takes {names}"
+            )
+        if spec.type is bool:
+            raise SearchError(f"space.parameters.{param}: {param} is a switch, not a number")
+        return spec.scope != Scope.SHARED
+
+    @staticmethod
+    def _layer_groups(spec: SpaceSpec, num_layers: int | None) -> list[tuple[int, int] | None]:
+        size = spec.layer_granularity
+        if size is None:
+            return [None]
+        if num_layers is None:
+            raise SearchError(
+                "space.layer_granularity: the layer count is unknown (the base model's config "
+                "is not on this machine); set space.num_layers"
+            )
+        if size >= num_layers:
+            return [None]
+        return [(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
+
+    @staticmethod
+    def _searched_models(template: Recipe, spec: SpaceSpec) -> list[str]:
+        listed = [m.model for m in template.models or []]
+        if spec.models is None:
+            return [m for m in listed if m != template.base_model]
+        for name in spec.models:
+            if name not in listed:
+                raise SearchError(
+                    f"space.models: {name} is not one of merge.models ({', '.join(listed)})"
+                )
+        return list(spec.models)
+
+    # --- genome <-> recipe ---------------------------------------------------------------------
+
+    def init(self) -> list[float]:
+        """The genome of every gene at its initial value (the uniform merge when inits agree)."""
+        return [g.init for g in self.genes]
+
+    def check(self, genome: Sequence[float]) -> list[float]:
+        if len(genome) != len(self.genes):
+            raise SearchError(f"a genome of {len(genome)} numbers for {len(self.genes)} genes")
+        out = []
+        for gene, value in zip(self.genes, genome, strict=True):
+            value = float(value)
+            if not gene.low <= value <= gene.high:
+                raise SearchError(
+                    f"gene {gene.name} = {value} lies outside [{gene.low}, {gene.high}]"
+                )
+            out.append(value)
+        return out
+
+    def to_unit(self, genome: Sequence[float]) -> list[float]:
+        return [(v - g.low) / (g.high - g.low) for g, v in zip(self.genes, genome, strict=True)]
+
+    def from_unit(self, unit: Sequence[float]) -> list[float]:
+        return [
+            g.low + min(1.0, max(0.0, float(u))) * (g.high - g.low)
+            for g, u in zip(self.genes, unit, strict=True)
+        ]
+
+    def to_recipe(self, genome: Sequence[float]) -> Recipe:
+        """The merge recipe of a genome: the template with the searched parameters filled in."""
+        genome = self.check(genome)
+        data = self.template.model_dump(mode="json", exclude_none=True)
+        settings: dict[tuple[str, str | None], dict[str | None, list[float] | float]] = {}
+        for gene, value in zip(self.genes, genome, strict=True):
+            by_filter = settings.setdefault((gene.param, gene.model), {})
+            if gene.layers is None:
+                by_filter[gene.filter] = value
+                continue
+            layers = by_filter.setdefault(gene.filter, [0.0] * self.num_layers)  # type: ignore[operator]
+            for i in range(*gene.layers):
+                layers[i] = value  # type: ignore[index]
+        for (param, model), by_filter in settings.items():
+            setting = _setting(by_filter)
+            if model is None:
+                data.setdefault("parameters", {})[param] = setting
+                continue
+            for entry in data["models"]:
+                if entry["model"] == model:
+                    entry.setdefault("parameters", {})[param] = setting
+        return Recipe.model_validate(data)
+
+    def from_recipe(self, recipe: Recipe) -> list[float]:
+        """The genome a recipe encodes (each gene read at the first layer of its group)."""
+        params = {m.model: m.parameters or {} for m in recipe.models or []}
+        genome = []
+        for gene in self.genes:
+            scope = recipe.parameters or {} if gene.model is None else params.get(gene.model, {})
+            if gene.param not in scope:
+                owner = gene.model or "the merge"
+                raise SearchError(f"the recipe sets no {gene.param} for {owner}")
+            first = gene.layers[0] if gene.layers else 0
+            t = first / (self.num_layers - 1) if self.num_layers and self.num_layers > 1 else 0.0
+            name = "" if gene.filter in (None, OTHER) else gene.filter
+            spec = self.method.param(gene.param)
+            value = evaluate_setting(name, scope[gene.param], t, spec)  # type: ignore[arg-type]
+            genome.append(float(value))
+        return genome
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"gene": g.name, "low": g.low, "high": g.high, "init": g.init, "sigma": g.sigma}
+            for g in self.genes
+        ]
+
+
+def _setting(by_filter: dict[str | None, Any]) -> Any:
+    if list(by_filter) == [None]:
+        return by_filter[None]
+    return [
+        {"value": value} if filt == OTHER else {"filter": filt, "value": value}
+        for filt, value in by_filter.items()
+    ]
+
+
+def _span(layers: tuple[int, int] | None) -> str | None:
+    if layers is None:
+        return None
+    start, end = layers
+    return f"layers{start}" if end - start == 1 else f"layers{start}-{end - 1}"
+
+
+def _short_names(models: list[str]) -> dict[str, str]:
+    """Readable gene labels: the last path part of each model, or its position when not unique."""
+    names = {m: PurePath(m.split("@")[0]).name or m for m in models}
+    if len(set(names.values())) < len(names):
+        return {m: f"model{i}" for i, m in enumerate(models)}
+    return names
