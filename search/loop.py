@@ -132,7 +132,7 @@ class Search:
             if budget.seconds is not None and elapsed >= budget.seconds:
                 echo(f"wall-clock budget of {budget.seconds:g} s reached")
                 break
-            n = optimizer.population
+            n = optimizer.next_batch()
             if budget.evaluations is not None:
                 n = min(n, budget.evaluations - done)
             tick = time.perf_counter()

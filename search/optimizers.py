@@ -112,11 +112,17 @@ class NevergradOptimizer:
         """Candidates proposed so far, replayed ones included."""
         return self.count
 
+    def next_batch(self) -> int:
+        """How many to ask now: the rest of the current generation."""
+        return self.population - self.count % self.population
+
     def ask(self, n: int) -> list[Proposal]:
         generation = self.count // self.population
         proposals = []
         for _ in range(n):
-            candidate = self.optimizer.ask()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # cma's "orphanated injected solution" notice
+                candidate = self.optimizer.ask()
             genome = self.space.from_unit(candidate.value)
             done = None
             if self.count < len(self.replay):
@@ -136,7 +142,9 @@ class NevergradOptimizer:
 
     def tell(self, proposal: Proposal, outcome: Outcome) -> None:
         loss = WORST_LOSS if outcome.failed else -float(outcome.fitness)  # type: ignore[arg-type]
-        self.optimizer.tell(proposal.handle, loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.optimizer.tell(proposal.handle, loss)
 
 
 class OptunaOptimizer:
@@ -149,6 +157,12 @@ class OptunaOptimizer:
     def proposed(self) -> int:
         """Trials asked so far, less those an earlier process left unevaluated."""
         return self.journal.n_trials() - len(self.pending)
+
+    def next_batch(self) -> int:
+        """How many to ask now: the rest of the current generation, so that a resumed run asks
+        each trial with the same trials finished before it as an uninterrupted one."""
+        position = self.pending[0].number if self.pending else self.journal.n_trials()
+        return self.population - position % self.population
 
     def _sampler(self, number: int):
         import optuna

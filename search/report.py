@@ -275,7 +275,7 @@ def _plot_best_parameters(summary: SearchSummary, path: Path) -> str | None:
     rows = list(dict.fromkeys(g.row for g in summary.genes))
     groups = sorted({g.layers for g in summary.genes}, key=lambda x: (-1, -1) if x is None else x)
     color = np.full((len(rows), len(groups)), np.nan)
-    fig = _figure(1.6 + 0.9 * len(groups), 1.2 + 0.45 * len(rows))
+    fig = _figure(max(5.0, 3.5 + 0.9 * len(groups)), max(2.5, 1.2 + 0.45 * len(rows)))
     ax = fig.add_subplot()
     for gene, value in zip(summary.genes, best.genome, strict=True):
         i, j = rows.index(gene.row), groups.index(gene.layers)

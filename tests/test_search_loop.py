@@ -1,0 +1,255 @@
+"""The search loop on the trained demo family: end to end, kill and resume, failed candidates,
+Optuna samplers (multi-objective included)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from evomerge.search.config import load_search_recipe
+from evomerge.search.errors import SearchError
+from evomerge.search.loop import Search
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(path: Path, family: Path, **overrides) -> Path:
+    """A small search recipe over the demo family (fitness on 60 rows: fast)."""
+    recipe = {
+        "merge": {
+            "merge_method": "dare_ties",
+            "base_model": str(family / "base"),
+            "models": [{"model": str(family / "expert_a")}, {"model": str(family / "expert_b")}],
+            "dtype": "float32",
+        },
+        "space": {
+            "parameters": {
+                "weight": {"low": 0, "high": 1, "init": 0.5},
+                "density": {"low": 0.1, "high": 1, "init": 0.5},
+            },
+            "layer_granularity": 2,
+        },
+        "fitness": {
+            "tasks": [
+                {
+                    "task": "demo_combined",
+                    "metric": "exact_match",
+                    "rows": "0:60",
+                    "heldout": {"task": "demo_combined_heldout", "rows": "0:60"},
+                }
+            ],
+            "batch_size": 60,
+        },
+        "budget": {"evaluations": 16},
+        "optimizer": {"name": "CMA", "population": 4},
+        "seed": 3,
+        "device": "cpu",
+    }
+    for key, value in overrides.items():
+        recipe[key] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def trials_of(out: Path) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{out / 'study.db'}")
+    return sorted(study.get_trials(), key=lambda t: t.number)
+
+
+def content(trial: optuna.trial.FrozenTrial) -> tuple:
+    attrs = trial.user_attrs
+    return (
+        trial.number,
+        trial.state.name,
+        tuple(sorted(trial.params.items())),
+        tuple(trial.values or ()),
+        tuple(sorted(attrs.get("scores", {}).items())),
+        attrs.get("generation"),
+        attrs.get("recipe"),
+    )
+
+
+def run(recipe_path: Path, out: Path, **kwargs):
+    search = Search.prepare(load_search_recipe(recipe_path), out)
+    return search.run(echo=lambda _: None, progress=False, **kwargs)
+
+
+@pytest.mark.slow
+def test_demo_search_beats_sources_and_uniform_merge(demo_family, tmp_path, monkeypatch):
+    """recipes/demo.yaml as the README runs it: the evolved merge wins on held-out data."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EVOMERGE_CACHE", str(demo_family.parent))
+    recipe = load_search_recipe(REPO / "recipes" / "demo.yaml")
+    summary = Search.prepare(recipe, tmp_path / "runs" / "demo").run(
+        echo=lambda _: None, progress=False
+    )
+    out = tmp_path / "runs" / "demo"
+    scores = {r.name: r for r in summary.references}
+    best = scores["best merge"].heldout["demo_combined_heldout"]
+    for name in ("expert_a", "expert_b", "base", "uniform merge"):
+        other = scores[name].heldout["demo_combined_heldout"]
+        margin = math.hypot(best[1], other[1])
+        assert best[0] - other[0] > margin, (name, best, other)
+    # The written model is the evaluated one, and both merge tools accept the recipe.
+    from mergekit.config import MergeConfiguration
+
+    text = (out / "best_recipe.yaml").read_text()
+    MergeConfiguration.model_validate(yaml.safe_load(text))
+    from evomerge.evals import Evaluator, load_candidate, prepare_suites
+
+    candidate = load_candidate(out / "model", device="cpu")
+    result = Evaluator(candidate.model, candidate.tokenizer, prepare_suites(recipe.fitness)).score(
+        "heldout"
+    )
+    assert result.scores[0].value == best[0]
+    assert (out / "model" / "README.md").is_file()
+    report = (out / "report.md").read_text()
+    assert "**beats**" in report and (out / "fitness.png").stat().st_size > 0
+    assert len(trials_of(out)) == recipe.budget.evaluations
+
+
+def _search_process(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "search", str(recipe), "--out", str(out), *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finished_count(db: Path) -> int:
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(db) as conn:
+            (n,) = conn.execute(
+                "select count(*) from trials where state in ('COMPLETE', 'FAIL')"
+            ).fetchone()
+            return n
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "CMA", "population": 4},
+        {"backend": "optuna", "name": "TPESampler", "population": 4},
+    ],
+    ids=["nevergrad-cma", "optuna-tpe"],
+)
+def test_sigkill_and_resume_equals_an_uninterrupted_run(demo_family, tmp_path, optimizer):
+    recipe = write_recipe(tmp_path / "search.yaml", demo_family, optimizer=optimizer)
+    reference = tmp_path / "reference"
+    run(recipe, reference, write_model=False)
+
+    killed = tmp_path / "killed"
+    proc = _search_process(recipe, killed)
+    deadline = time.monotonic() + 240
+    while _finished_count(killed / "study.db") < 6:
+        assert proc.poll() is None, proc.stdout.read()  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the search made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = _finished_count(killed / "study.db")
+    assert 6 <= interrupted_at < 16
+
+    resumed = _search_process(recipe, killed, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"resuming: {interrupted_at} finished trials" in output
+
+    expected = [content(t) for t in trials_of(reference)]
+    assert [content(t) for t in trials_of(killed)] == expected
+    assert len(expected) == 16
+    best = yaml.safe_load((killed / "best_recipe.yaml").read_text())
+    assert best == yaml.safe_load((reference / "best_recipe.yaml").read_text())
+
+
+def test_existing_study_needs_resume_and_the_same_recipe(demo_family, tmp_path):
+    recipe = write_recipe(tmp_path / "a.yaml", demo_family, budget={"evaluations": 2})
+    out = tmp_path / "out"
+    run(recipe, out, write_model=False)
+    with pytest.raises(SearchError, match="--resume"):
+        run(recipe, out, write_model=False)
+    changed = write_recipe(tmp_path / "b.yaml", demo_family, budget={"evaluations": 2}, seed=9)
+    with pytest.raises(SearchError, match="different search recipe"):
+        run(changed, out, resume=True, write_model=False)
+    # A longer budget is not a different search: resuming extends it.
+    longer = write_recipe(tmp_path / "c.yaml", demo_family, budget={"evaluations": 4})
+    summary = run(longer, out, resume=True, write_model=False)
+    assert len(summary.trials) == 4
+
+
+def test_failing_candidates_are_recorded_and_the_search_completes(
+    demo_family, tmp_path, monkeypatch
+):
+    """Every third candidate gets a NaN weight (as a diverging merge would); one raises OOM."""
+    from evomerge.merge.resident import ResidentMerger
+
+    original = ResidentMerger.materialize
+    calls = {"n": 0}
+
+    def flaky(self, model, recipe=None):
+        original(self, model, recipe)
+        calls["n"] += 1  # call 1 builds the model; calls 2-13 are the 12 candidates
+        if calls["n"] % 3 == 0 and calls["n"] <= 13:
+            next(model.parameters()).data[0, 0] = float("nan")
+        if calls["n"] == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(ResidentMerger, "materialize", flaky)
+    recipe = write_recipe(tmp_path / "s.yaml", demo_family, budget={"evaluations": 12})
+    summary = run(recipe, tmp_path / "out", write_model=False)
+    failed = [t for t in summary.trials if t.outcome.failed]
+    assert [t.number for t in failed] == [1, 3, 4, 7, 10]
+    assert all("non-finite" in t.outcome.error for t in failed if t.number != 3)
+    assert "OutOfMemoryError" in failed[1].outcome.error
+    states = [t.state.name for t in trials_of(tmp_path / "out")]
+    assert states.count("FAIL") == 5 and len(states) == 12
+    assert summary.best is not None and not summary.best.outcome.failed
+    assert "non-finite" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_nsga2_multi_objective_writes_the_pareto_front(demo_family, tmp_path):
+    fitness = {
+        "tasks": [
+            {"task": "demo_skill_a", "metric": "exact_match", "rows": "0:40", "heldout": None},
+            {"task": "demo_skill_b", "metric": "exact_match", "rows": "0:40", "heldout": None},
+        ],
+        "batch_size": 40,
+    }
+    recipe = write_recipe(
+        tmp_path / "mo.yaml",
+        demo_family,
+        fitness=fitness,
+        budget={"evaluations": 8},
+        optimizer={"backend": "optuna", "name": "NSGAIISampler", "population": 4},
+    )
+    summary = run(recipe, tmp_path / "out", write_model=False)
+    trials = trials_of(tmp_path / "out")
+    assert all(len(t.values) == 2 for t in trials)
+    assert summary.pareto and summary.best.number in summary.pareto
+    for number in summary.pareto:
+        assert (tmp_path / "out" / "pareto" / f"trial-{number}.yaml").is_file()
+    front = {tuple(t.values) for t in trials if t.number in summary.pareto}
+    for t in trials:  # nothing outside the front dominates a point on it
+        for point in front:
+            dominates = all(a >= b for a, b in zip(t.values, point, strict=True))
+            assert not (dominates and tuple(t.values) != point)
