@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from evomerge.evals.results import EvalResult
-from evomerge.evals.spec import FitnessSpec
+from evomerge.evals.suite import TaskSuite
 from evomerge.merge.recipe import Recipe, dump_yaml
 from evomerge.search.config import SearchRecipe
 from evomerge.search.errors import SearchError
@@ -30,6 +30,7 @@ from evomerge.search.records import ModelScores, Outcome, SearchSummary, TrialRe
 from evomerge.search.space import ParameterSpace
 
 Echo = Callable[[str], None]
+SPLITS = ("fitness", "heldout")
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Search:
             )
         try:
             self._loop(journal, optimizer, executor, echo, progress)
-            summary = self._finish(journal, executor, echo, write_model)
+            summary = self._finish(journal, executor, suites, echo, write_model)
         finally:
             executor.close()
         return summary
@@ -173,7 +174,12 @@ class Search:
     # --- the end -------------------------------------------------------------------------------
 
     def _finish(
-        self, journal: Journal, executor: Executor, echo: Echo, write_model: bool
+        self,
+        journal: Journal,
+        executor: Executor,
+        suites: dict[str, TaskSuite],
+        echo: Echo,
+        write_model: bool,
     ) -> SearchSummary:
         from evomerge.search.report import write_report
 
@@ -195,7 +201,7 @@ class Search:
                 text = _best_recipe_text(self.space.to_recipe(trial.genome), trial, self)
                 _write_text(self.out / "pareto" / f"trial-{number}.yaml", text)
         echo(f"best: trial {best.number}, fitness {best.outcome.fitness:.4f}")
-        references = self._references(journal, executor, best_recipe, echo)
+        references = self._references(journal, executor, suites, best_recipe, echo)
         _write_text(
             self.out / "scores.json",
             json.dumps([r.to_dict() for r in references], indent=2) + "\n",
@@ -219,7 +225,12 @@ class Search:
         return summary
 
     def _references(
-        self, journal: Journal, executor: Executor, best_recipe: Recipe, echo: Echo
+        self,
+        journal: Journal,
+        executor: Executor,
+        suites: dict[str, TaskSuite],
+        best_recipe: Recipe,
+        echo: Echo,
     ) -> list[ModelScores]:
         """Sources, uniform merge and best merge on both splits (cached in the study)."""
         cached = journal.get_attr("references")
@@ -227,13 +238,17 @@ class Search:
         if cached and cached.get("best") == key:
             return [ModelScores.from_dict(d) for d in cached["scores"]]
         echo("scoring the sources, the uniform merge and the best merge on both splits")
+        splits = [split for split in SPLITS if split in suites]
         references = [
-            _source_scores(model, self.recipe, executor)
+            _source_scores(model, self.recipe, suites)
             for model in self.recipe.merge.referenced_models()
         ]
-        uniform = self.space.to_recipe(self.space.init())
-        references.append(_merge_scores("uniform merge", "uniform", uniform, executor))
-        references.append(_merge_scores("best merge", "best", best_recipe, executor))
+        for name, kind, recipe in (
+            ("uniform merge", "uniform", self.space.to_recipe(self.space.init())),
+            ("best merge", "best", best_recipe),
+        ):
+            results = {split: executor.score(recipe, split) for split in splits}
+            references.append(_model_scores(name, kind, results))
         journal.set_attr("references", {"best": key, "scores": [r.to_dict() for r in references]})
         return references
 
@@ -282,7 +297,11 @@ def num_layers(recipe: SearchRecipe) -> int | None:
     return recipe.space.num_layers
 
 
-def _source_scores(model: str, recipe: SearchRecipe, executor: Executor) -> ModelScores:
+def _source_scores(model: str, recipe: SearchRecipe, suites: dict[str, TaskSuite]) -> ModelScores:
+    """A source model scored in a model of its own (its dtype or vocabulary may differ)."""
+    from evomerge.evals.evaluator import Evaluator
+    from evomerge.merge.resident import ResidentMerger
+
     single = Recipe.model_validate(
         {
             "merge_method": "passthrough",
@@ -291,39 +310,14 @@ def _source_scores(model: str, recipe: SearchRecipe, executor: Executor) -> Mode
             "tokenizer_source": recipe.merge.effective_tokenizer_source,
         }
     )
+    merger = ResidentMerger(single, device=recipe.device)
+    evaluator = Evaluator(merger.build_model(), merger.tokenizer(), suites)
+    try:
+        results = {split: evaluator.score(split) for split in SPLITS if split in suites}
+    finally:
+        evaluator.close()
     name = Path(model).name if Path(model).exists() else model
-    return _merge_scores(name, "source", single, executor, fresh=True, device=recipe.device)
-
-
-def _merge_scores(
-    name: str,
-    kind: str,
-    recipe: Recipe,
-    executor: Executor,
-    *,
-    fresh: bool = False,
-    device: str = "auto",
-) -> ModelScores:
-    results = {}
-    if fresh:  # a model of its own: its shapes or dtype may differ from the candidates'
-        from evomerge.evals.evaluator import Evaluator
-        from evomerge.merge.resident import ResidentMerger
-
-        merger = ResidentMerger(recipe, device=device)
-        model = merger.build_model()
-        evaluator = Evaluator(model, merger.tokenizer(), executor.evaluator.suites)  # type: ignore[attr-defined]
-        try:
-            for split in ("fitness", "heldout"):
-                if split in evaluator.suites:
-                    results[split] = evaluator.score(split)
-        finally:
-            evaluator.close()
-            del model, merger
-    else:
-        for split in ("fitness", "heldout"):
-            if split in executor.evaluator.suites:  # type: ignore[attr-defined]
-                results[split] = executor.score(recipe, split)
-    return _model_scores(name, kind, results)
+    return _model_scores(name, "source", results)
 
 
 def _model_scores(name: str, kind: str, results: dict[str, EvalResult]) -> ModelScores:
@@ -411,5 +405,3 @@ def ensure_demo_family(folder: Path) -> None:
     shutil.copytree(source, tmp)
     tmp.rename(folder)
 
-
-__all__ = ["FitnessSpec", "Search"]

@@ -253,3 +253,9 @@ def test_nsga2_multi_objective_writes_the_pareto_front(demo_family, tmp_path):
         for point in front:
             dominates = all(a >= b for a, b in zip(t.values, point, strict=True))
             assert not (dominates and tuple(t.values) != point)
+
+
+def test_wall_clock_budget_stops_between_generations(demo_family, tmp_path):
+    recipe = write_recipe(tmp_path / "t.yaml", demo_family, budget={"seconds": 0.01})
+    summary = run(recipe, tmp_path / "out", write_model=False)
+    assert len(summary.trials) == 4  # the first generation runs whole, then the clock stops it
