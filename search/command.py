@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.search.config import SearchRecipe, load_search_recipe
@@ -11,8 +13,11 @@ from evomerge.search.loop import Search
 from evomerge.search.optimizers import default_population
 
 # Generation throughput assumed by --dry-run for a 7B model (HF transformers, greedy, batch 32,
-# one H100); it scales inversely with the parameter count. Measure yours with `evomerge eval`.
+# one H100), whatever the recipe's models (larger ones are slower). Measure yours with
+# `evomerge eval`.
 TOKENS_PER_SECOND_7B = 1500.0
+# lm-eval's HFLM generates at most this many tokens when neither the spec nor the task says.
+DEFAULT_MAX_GEN_TOKS = 256
 
 
 def run_search_command(
@@ -59,6 +64,10 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     catalog = TaskCatalog(spec.include_path)
     names = [e.task for split in ("fitness", "heldout") for e in spec.entries(split)]
     catalog.check(names)
+    manager = catalog.manager(names)
+    for split in ("fitness", "heldout"):
+        for entry in spec.entries(split):
+            _check_entry(entry, manager.task_index[entry.task], split)
     m = recipe.merge
     models = [x.model for x in m.models or []]
     echo(f"{path}: valid")
@@ -74,7 +83,10 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     evaluations = recipe.budget.evaluations
     line = f"optimizer: {opt.backend} {opt.name}, population {population}"
     if evaluations:
-        line += f", {-(-evaluations // population)} generations"
+        full, rest = divmod(evaluations, population)
+        line += f", {full + bool(rest)} generations"
+        if rest:
+            line += f" (the last of {rest})"
     echo(line)
     budget = []
     if evaluations:
@@ -82,21 +94,12 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     if recipe.budget.seconds:
         budget.append(f"at most {recipe.budget.seconds / 3600:g} h of wall clock")
     echo(f"budget: {' and '.join(budget)}")
-    docs, tokens = _workload(recipe, catalog)
+    loads = {split: _workload(spec, split, manager) for split in ("fitness", "heldout")}
     for split in ("fitness", "heldout"):
         entries = ", ".join(_entry_text(e) for e in spec.entries(split)) or "none"
         echo(f"{split}: {entries}")
-    if docs is None or not evaluations:
-        echo("cost: unknown until the tasks are loaded (give rows: or limit: to estimate)")
-    else:
-        total = evaluations * tokens
-        hours = total / TOKENS_PER_SECOND_7B / 3600
-        echo(
-            f"cost: {docs} documents and up to {tokens:,} generated tokens per evaluation; "
-            f"{evaluations} evaluations = {total / 1e6:,.0f}M tokens, about {hours:,.0f} GPU-hours "
-            f"at {TOKENS_PER_SECOND_7B:,.0f} tokens/s (a 7B model on one H100; measure yours "
-            "with `evomerge eval`)"
-        )
+    for line in _cost_lines(recipe, loads):
+        echo(line)
     echo("nothing was downloaded or loaded")
 
 
@@ -105,23 +108,133 @@ def _entry_text(entry) -> str:
     return f"{entry.task}{rows} ({entry.metric})"
 
 
-def _workload(recipe: SearchRecipe, catalog) -> tuple[int | None, int]:
-    """Documents and generated tokens per fitness evaluation, from rows/limit and the task
-    configs (None when a task's size is only known once its dataset is loaded)."""
-    spec = recipe.fitness
-    docs_total, tokens = 0, 0
-    manager = catalog.manager([e.task for e in spec.tasks])
-    for entry in spec.tasks:
-        if entry.rows is not None:
-            docs = entry.rows[1] - entry.rows[0]
-        elif isinstance(spec.limit, int):
-            docs = spec.limit
-        else:
-            return None, 0
-        cfg = getattr(manager.task_index.get(entry.task), "cfg", None) or {}
-        gen = spec.generation.max_gen_toks or (cfg.get("generation_kwargs") or {}).get(
-            "max_gen_toks", 256
+def _check_entry(entry, index_entry, split: str) -> None:
+    """What `prepare_suites` would reject, checked from the task's YAML (no dataset needed):
+    a group or tag as an entry, a metric or filter the task does not produce."""
+    from lm_eval.tasks._index import Kind
+
+    where = f"fitness spec ({split}): task {entry.task}"
+    if index_entry.kind not in (Kind.TASK, Kind.PY_TASK):
+        raise SearchError(
+            f"{where} is a {index_entry.kind.name.lower()} of several tasks; a fitness entry "
+            "scores one task: list its tasks one by one"
         )
-        docs_total += docs
-        tokens += docs * int(gen)
-    return docs_total, tokens
+    cfg = index_entry.cfg or {}
+    metric, _, filter_name = entry.metric.partition(",")
+    metrics = [m.get("metric") for m in cfg.get("metric_list") or [] if isinstance(m, dict)]
+    if metrics and all(isinstance(m, str) for m in metrics) and metric not in metrics:
+        raise SearchError(
+            f"{where} does not produce metric {metric!r}; it produces {', '.join(metrics)}"
+        )
+    filters = [f.get("name") for f in cfg.get("filter_list") or [] if isinstance(f, dict)]
+    filters = [f for f in filters if isinstance(f, str)] or ["none"]
+    if filter_name and filter_name not in filters:
+        raise SearchError(
+            f"{where} has no filter {filter_name!r}; its filters: {', '.join(filters)}"
+        )
+    if not filter_name and len(filters) > 1:
+        raise SearchError(
+            f"{where} reports {metric} under filters {', '.join(filters)}: name one, "
+            f"e.g. metric: {metric},{filters[0]}"
+        )
+
+
+@dataclass(frozen=True)
+class _Load:
+    """One task's share of a split's scoring: documents and generated tokens per document."""
+
+    task: str
+    docs: int | None  # None: known only once the dataset is loaded (no rows: or limit:)
+    max_gen_toks: int | None  # None: scored by log-likelihood, nothing generated
+
+
+def _workload(spec, split: str, manager) -> list[_Load]:
+    """Per task of a split: documents (from rows and limit, as the suite picks them) and the
+    most tokens generated per document (the spec's generation budget, else the task's)."""
+    loads = []
+    for entry in spec.entries(split):
+        if entry.rows is not None:
+            docs: int | None = entry.rows[1] - entry.rows[0]
+            if isinstance(spec.limit, float):
+                docs = math.ceil(docs * spec.limit)
+            elif isinstance(spec.limit, int):
+                docs = min(docs, spec.limit)
+        elif isinstance(spec.limit, int):
+            docs = spec.limit  # at most: the split may hold fewer
+        else:
+            docs = None
+        cfg = getattr(manager.task_index.get(entry.task), "cfg", None) or {}
+        gen = None
+        if cfg.get("output_type", "generate_until") == "generate_until":
+            gen = spec.generation.max_gen_toks or (cfg.get("generation_kwargs") or {}).get(
+                "max_gen_toks", DEFAULT_MAX_GEN_TOKS
+            )
+        loads.append(_Load(entry.task, docs, None if gen is None else int(gen)))
+    return loads
+
+
+def _cost_lines(recipe: SearchRecipe, loads: dict[str, list[_Load]]) -> list[str]:
+    """The workload of one evaluation, of the search, and of the final scoring, with what the
+    estimate assumes."""
+    evaluations = recipe.budget.evaluations
+    fitness = loads["fitness"]
+    unknown = [load.task for load in fitness if load.docs is None]
+    if unknown:
+        return [
+            f"cost: unknown: the size of {', '.join(unknown)} is known only once its dataset "
+            "is loaded; give it rows: START:END (or the spec a limit:) to estimate"
+        ]
+    docs = sum(load.docs or 0 for load in fitness)
+    tokens = sum((load.docs or 0) * (load.max_gen_toks or 0) for load in fitness)
+    parts = [
+        f"{load.task} {load.docs:,}"
+        + (
+            f", up to {load.max_gen_toks:,} generated tokens each"
+            if load.max_gen_toks
+            else ", log-likelihood"
+        )
+        for load in fitness
+    ]
+    line = f"cost: one evaluation = {docs:,} documents ({'; '.join(parts)})"
+    if tokens == 0:
+        return [line, "cost: no time estimate: log-likelihood scoring is not modelled"]
+    lines = [f"{line} = at most {_count(tokens)} generated tokens"]
+    if not evaluations:
+        lines.append("cost: the number of evaluations is unknown (a wall-clock budget only)")
+        return lines
+    lines.append(
+        f"cost: {evaluations} evaluations = at most {_count(evaluations * tokens)} generated "
+        f"tokens, about {_hours(evaluations * tokens)} GPU-hours"
+    )
+    references = len(recipe.merge.referenced_models()) + 2  # the sources, uniform and best
+    heldout = loads["heldout"]
+    held_unknown = [load.task for load in heldout if load.docs is None]
+    final = tokens + sum((load.docs or 0) * (load.max_gen_toks or 0) for load in heldout)
+    line = (
+        f"cost: then {references} models ({references - 2} sources, the uniform and the best "
+        f"merge) are scored on both splits: at most {_count(references * final)} tokens "
+        f"more, about {_hours(references * final)} GPU-hours"
+    )
+    if held_unknown:
+        line += f", plus {', '.join(held_unknown)} (its size is unknown until loaded)"
+    lines.append(line)
+    lines.append(
+        f"assumed: {TOKENS_PER_SECOND_7B:,.0f} generated tokens/s (a 7B model, HF "
+        "transformers, greedy, batch 32, one H100) and every answer running to its "
+        "max_gen_toks (an upper bound: most stop earlier); prompts, merging and "
+        "log-likelihood tasks not counted; measure yours with `evomerge eval`"
+    )
+    return lines
+
+
+def _count(tokens: int) -> str:
+    if tokens >= 10**9:
+        return f"{tokens / 1e9:,.2f}B"
+    if tokens >= 10**6:
+        return f"{tokens / 1e6:,.1f}M"
+    return f"{tokens:,}"
+
+
+def _hours(tokens: int) -> str:
+    hours = tokens / TOKENS_PER_SECOND_7B / 3600
+    return f"{hours:,.0f}" if hours >= 10 else f"{hours:.1f}"

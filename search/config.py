@@ -25,7 +25,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.evals.spec import FitnessSpec
 from evomerge.merge.recipe import Recipe, describe_validation_error, parse_yaml
@@ -41,6 +48,7 @@ class _Strict(BaseModel):
 class ParameterRange(_Strict):
     """Bounds, start and step of one searched parameter, in the parameter's own units."""
 
+    model_config = ConfigDict(allow_inf_nan=False)  # a bound of inf breaks the unit cube
     low: float = 0.0
     high: float = 1.0
     init: float | None = None  # default: the middle of the range
@@ -69,8 +77,33 @@ class SpaceSpec(_Strict):
     parameters: dict[str, ParameterRange] = Field(min_length=1)
     layer_granularity: int | None = Field(default=None, gt=0)
     filters: list[str] = []
-    models: list[str] | None = None  # which of merge.models get genes (default: all but base)
+    models: list[str] | None = Field(default=None, min_length=1)  # default: all but the base
     num_layers: int | None = Field(default=None, gt=0)  # for --dry-run of Hub models offline
+
+    @field_validator("filters")
+    @classmethod
+    def _distinct_filters(cls, filters: list[str]) -> list[str]:
+        """Each filter must be able to match a tensor the earlier ones do not (the first
+        matching `{filter, value}` entry wins), or its genes would change nothing."""
+        for i, filt in enumerate(filters):
+            if not filt or filt == "*":
+                raise ValueError(f"{filt!r} is not a filter; give part of a tensor name")
+            if filt in filters[:i]:
+                raise ValueError(f"{filt!r} is listed twice")
+            for earlier in filters[:i]:
+                if earlier in filt:
+                    raise ValueError(
+                        f"{filt!r} never applies: every tensor it matches matches {earlier!r} "
+                        "first; list the more specific filter first"
+                    )
+        return filters
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, models: list[str] | None) -> list[str] | None:
+        if models is not None and len(set(models)) < len(models):
+            raise ValueError("a model is listed twice")
+        return models
 
 
 class BudgetSpec(_Strict):

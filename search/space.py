@@ -40,7 +40,10 @@ class ParameterSpace:
         self.genes: list[Gene] = []
         labels = _short_names(self.models)
         for param, bounds in spec.parameters.items():
-            for model in self.models if self._per_model(param) else [None]:
+            scope = self._scope(param)
+            if scope == Scope.NON_BASE:
+                self._no_base(template, param)
+            for model in self.models if scope != Scope.SHARED else [None]:
                 for filt in self.filters:
                     for layers in self.groups:
                         parts = [param, labels[model] if model else None, filt, _span(layers)]
@@ -57,11 +60,13 @@ class ParameterSpace:
                                 sigma=bounds.step,
                             )
                         )
+        if not self.genes:
+            raise SearchError("space: no genes to search (no models besides the base?)")
 
     def __len__(self) -> int:
         return len(self.genes)
 
-    def _per_model(self, param: str) -> bool:
+    def _scope(self, param: str) -> Scope:
         spec = self.method.param(param)
         if spec is None:
             names = ", ".join(p.name for p in self.method.params) or "no parameters"
@@ -71,7 +76,16 @@ class ParameterSpace:
             )
         if spec.type is bool:
             raise SearchError(f"space.parameters.{param}: {param} is a switch, not a number")
-        return spec.scope != Scope.SHARED
+        return spec.scope
+
+    def _no_base(self, template: Recipe, param: str) -> None:
+        """A base model's gene for a parameter the method reads from other models only would
+        change nothing."""
+        if template.base_model in self.models:
+            raise SearchError(
+                f"space.models: {template.base_model} is the base model, which has no {param} "
+                f"in {self.method.name} (only the other models do); leave it out"
+            )
 
     @staticmethod
     def _layer_groups(spec: SpaceSpec, num_layers: int | None) -> list[tuple[int, int] | None]:
@@ -91,7 +105,7 @@ class ParameterSpace:
     def _searched_models(template: Recipe, spec: SpaceSpec) -> list[str]:
         listed = [m.model for m in template.models or []]
         if spec.models is None:
-            return [m for m in listed if m != template.base_model]
+            return list(dict.fromkeys(m for m in listed if m != template.base_model))
         for name in spec.models:
             if name not in listed:
                 raise SearchError(
