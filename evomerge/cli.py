@@ -73,6 +73,9 @@ def search(
     storage: Annotated[
         str | None, typer.Option(help="An Optuna storage URL (default: SQLite in the output).")
     ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Also load pickled .bin weights (can run code: trusted only).")
+    ] = False,
 ) -> None:
     """Evolve the merge recipe RECIPE; write the best recipe, its model and a report."""
     from evomerge.search.command import run_search_command
@@ -85,6 +88,7 @@ def search(
             dry_run=dry_run,
             device=device,
             storage=storage,
+            allow_pickle=allow_pickle,
             echo=typer.echo,
         )
     except MergeError as exc:

@@ -29,11 +29,14 @@ def run_search_command(
     device: str | None,
     storage: str | None,
     echo: Callable[[str], None],
+    allow_pickle: bool = False,
     progress: bool = True,
 ) -> None:
     recipe = load_search_recipe(recipe_path)
     if device is not None:
         recipe = recipe.model_copy(update={"device": device})
+    if allow_pickle:
+        recipe = recipe.model_copy(update={"allow_pickle": True})
     out = out or recipe.out or Path("runs") / recipe_path.stem
     if dry_run:
         describe(recipe, recipe_path, echo)

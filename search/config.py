@@ -132,6 +132,7 @@ class SearchRecipe(_Strict):
     optimizer: OptimizerSpec = OptimizerSpec()
     seed: int = 0
     device: str = "auto"
+    allow_pickle: bool = False  # also load pickled .bin weights (can run code: trusted only)
     threads: int | None = Field(default=None, gt=0)  # CPU threads (default 1 on CPU)
     storage: str | None = None  # an Optuna storage URL (default: SQLite in the output dir)
     study_name: str = "evomerge"

@@ -52,11 +52,12 @@ class SerialExecutor:
         *,
         device: str = "auto",
         seed: int = 0,
+        allow_pickle: bool = False,
     ):
         from evomerge.evals.evaluator import Evaluator
         from evomerge.merge.resident import ResidentMerger
 
-        self.merger = ResidentMerger(first, device=device, seed=seed)
+        self.merger = ResidentMerger(first, device=device, seed=seed, allow_pickle=allow_pickle)
         self.model = self.merger.build_model()
         self.evaluator = Evaluator(self.model, self.merger.tokenizer(), suites)
 

@@ -96,6 +96,7 @@ class Search:
                 suites,
                 device=recipe.device,
                 seed=recipe.seed,
+                allow_pickle=recipe.allow_pickle,
             )
         try:
             self._loop(journal, optimizer, executor, echo, progress)
@@ -256,8 +257,14 @@ class Search:
         from evomerge.merge.materialize import run_merge
 
         target = self.out / "model"
-        run_merge(best_recipe, target, device=self.recipe.device, seed=self.recipe.seed,
-                  overwrite=True)
+        run_merge(
+            best_recipe,
+            target,
+            device=self.recipe.device,
+            seed=self.recipe.seed,
+            allow_pickle=self.recipe.allow_pickle,
+            overwrite=True,
+        )
         echo(f"wrote the best merge to {target}")
 
     def _settings(self) -> dict[str, Any]:
@@ -310,7 +317,7 @@ def _source_scores(model: str, recipe: SearchRecipe, suites: dict[str, TaskSuite
             "tokenizer_source": recipe.merge.effective_tokenizer_source,
         }
     )
-    merger = ResidentMerger(single, device=recipe.device)
+    merger = ResidentMerger(single, device=recipe.device, allow_pickle=recipe.allow_pickle)
     evaluator = Evaluator(merger.build_model(), merger.tokenizer(), suites)
     try:
         results = {split: evaluator.score(split) for split in SPLITS if split in suites}
