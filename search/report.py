@@ -223,7 +223,11 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    fig.savefig(path, format="png", dpi=110, metadata=PNG_METADATA)
+    import warnings
+
+    with warnings.catch_warnings():  # a cramped layout still makes a readable plot
+        warnings.filterwarnings("ignore", message="constrained_layout not applied")
+        fig.savefig(path, format="png", dpi=110, metadata=PNG_METADATA)
 
 
 def _plot_fitness(summary: SearchSummary, path: Path) -> str | None:
