@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from evomerge.evals.errors import EvalError
-from evomerge.merge.recipe import describe_validation_error, parse_yaml
+from evomerge.merge.recipe import describe_validation_error, parse_yaml, read_text
 
 Split = Literal["fitness", "heldout"]
 
@@ -215,11 +215,7 @@ def parse_fitness_spec(
 def load_fitness_spec(path: str | Path) -> FitnessSpec:
     """Read a fitness spec file, or the `fitness:` block of a search recipe."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise EvalError(f"{path}: cannot read the fitness spec: {exc.strerror}") from None
-    data = parse_yaml(text, str(path), EvalError)
+    data = parse_yaml(read_text(path, "the fitness spec", EvalError), str(path), EvalError)
     if isinstance(data, dict) and "fitness" in data:
         return parse_fitness_spec(data["fitness"], f"{path}: fitness", path.parent)
     return parse_fitness_spec(data, str(path), path.parent)

@@ -214,13 +214,17 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         raise MergeError(f"{origin}: {describe_validation_error(exc)}") from None
 
 
+def read_text(path: Path, what: str, error: type[MergeError] = MergeError) -> str:
+    """A file's text; an unreadable file is one line naming it and `what` it should hold."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise MergeError(f"{path}: cannot read recipe: {exc.strerror}") from None
-    return Recipe.from_yaml(text, origin=str(path))
+    return Recipe.from_yaml(read_text(path, "recipe"), origin=str(path))
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from evomerge.evals.spec import FitnessSpec
-from evomerge.merge.recipe import Recipe, describe_validation_error, parse_yaml
+from evomerge.merge.recipe import Recipe, describe_validation_error, parse_yaml, read_text
 from evomerge.search.errors import SearchError
 
 DEFAULT_METHOD = "dare_ties"  # Sakana's parameter-space setting
@@ -190,8 +190,5 @@ def _fitness_file(path: Path, origin: str) -> dict[str, Any]:
 
 def load_search_recipe(path: str | Path) -> SearchRecipe:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SearchError(f"{path}: cannot read the search recipe: {exc.strerror}") from None
+    text = read_text(path, "the search recipe", SearchError)
     return parse_search_recipe(parse_yaml(text, str(path), SearchError), str(path), path.parent)

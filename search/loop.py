@@ -113,7 +113,8 @@ class Search:
         budget = self.recipe.budget
         seconds_before = float(journal.get_attr("seconds", 0.0))
         started = time.monotonic()
-        finished = len(journal.finished())
+        previous = journal.finished()
+        finished = len(previous)
         if finished:
             echo(f"resuming: {finished} finished trials in {self.storage}")
         bar = tqdm(
@@ -123,8 +124,7 @@ class Search:
             disable=not progress,
             dynamic_ncols=True,
         )
-        scored_before = [r.outcome.fitness for r in journal.finished() if not r.outcome.failed]
-        best = max(scored_before, default=None)
+        best = max((r.outcome.fitness for r in previous if not r.outcome.failed), default=None)
         tell_seconds = 0.0
         while True:
             elapsed = seconds_before + time.monotonic() - started
