@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from evomerge.search.config import SearchRecipe, load_search_recipe
+from evomerge.search.config import SearchRecipe, load_search_recipe, parse_search_recipe
 from evomerge.search.errors import SearchError
+from evomerge.search.journal import redact
 from evomerge.search.loop import Search
 from evomerge.search.optimizers import default_population
 
@@ -30,13 +31,24 @@ def run_search_command(
     storage: str | None,
     echo: Callable[[str], None],
     allow_pickle: bool = False,
+    executor: str | None = None,
+    ray_address: str | None = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> None:
     recipe = load_search_recipe(recipe_path)
-    if device is not None:
-        recipe = recipe.model_copy(update={"device": device})
-    if allow_pickle:
-        recipe = recipe.model_copy(update={"allow_pickle": True})
+    overrides = {
+        "device": device,
+        "allow_pickle": allow_pickle or None,
+        "executor": executor,
+        "ray_address": ray_address,
+        "workers": workers,
+    }
+    update = {k: v for k, v in overrides.items() if v is not None}
+    if update:  # validated like the recipe's own fields
+        recipe = parse_search_recipe(
+            {**recipe.model_dump(mode="json", exclude_none=True), **update}, str(recipe_path)
+        )
     out = out or recipe.out or Path("runs") / recipe_path.stem
     if dry_run:
         describe(recipe, recipe_path, echo)
@@ -47,7 +59,8 @@ def run_search_command(
     except SearchError:
         raise
     except KeyboardInterrupt:
-        echo(f"interrupted; every finished trial is in {search.storage}: --resume continues")
+        where = redact(search.storage)
+        echo(f"interrupted; every finished trial is in {where}: --resume continues")
         raise
 
 

@@ -133,6 +133,9 @@ class SearchRecipe(_Strict):
     seed: int = 0
     device: str = "auto"
     allow_pickle: bool = False  # also load pickled .bin weights (can run code: trusted only)
+    executor: Literal["serial", "ray"] = "serial"
+    workers: int | None = Field(default=None, gt=0)  # Ray workers (default: one per GPU or CPU)
+    ray_address: str | None = None  # an existing Ray cluster ('auto'); default: start one here
     threads: int | None = Field(default=None, gt=0)  # CPU threads (default 1 on CPU)
     storage: str | None = None  # an Optuna storage URL (default: SQLite in the output dir)
     study_name: str = "evomerge"

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
+import time
+import uuid
 from typing import Any
 
 import optuna
@@ -22,6 +25,35 @@ from evomerge.search.errors import SearchError
 from evomerge.search.records import Gene, Outcome, TrialRecord
 
 optuna.logging.set_verbosity(logging.WARNING)
+STALE_AFTER_SECONDS = 600.0  # a shared study's running trial is orphaned after this silence
+
+
+def _open_study(storage: str, study_name: str, directions: list[str]) -> optuna.Study:
+    """Create or load the study. Searchers starting together on a new database race to create
+    Optuna's tables and the study; the loser of such a race retries and loads what the winner
+    made."""
+    for attempt in range(5):
+        try:
+            return optuna.create_study(
+                storage=storage, study_name=study_name, directions=directions, load_if_exists=True
+            )
+        except (ImportError, ValueError):
+            raise
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+    raise AssertionError("unreachable")
+
+
+def redact(storage: str) -> str:
+    """A storage URL without its password."""
+    if "://" in storage and "@" in storage:
+        scheme, rest = storage.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+    return storage
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -46,11 +78,17 @@ class Journal:
         self.multi_objective = multi_objective
         directions = ["maximize"] * (len(objectives) if multi_objective else 1)
         try:
-            self.study = optuna.create_study(
-                storage=storage, study_name=study_name, directions=directions, load_if_exists=True
-            )
+            self.study = _open_study(storage, study_name, directions)
+        except ImportError:
+            raise SearchError(
+                f"storage {redact(storage)}: its database driver is not installed "
+                "(PostgreSQL: pip install 'evomerge[postgres]')"
+            ) from None
         except ValueError as exc:  # directions differ from the stored study's
-            raise SearchError(f"{where}study {study_name!r} in {storage}: {exc}") from None
+            raise SearchError(f"{where}study {study_name!r} in {redact(storage)}: {exc}") from None
+        except Exception as exc:  # the database is unreachable, refuses us, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SearchError(f"storage {redact(storage)}: cannot open it: {first}") from None
         attrs = self.study.user_attrs
         stored = attrs.get("fingerprint")
         n_trials = len(self.study.get_trials(deepcopy=False))
@@ -60,15 +98,19 @@ class Journal:
             self.study.set_user_attr("objectives", objectives)
         elif not resume:
             raise SearchError(
-                f"{where}study {study_name!r} in {storage} already holds {n_trials} trials; "
-                "pass --resume to continue it, or choose another --out or study name"
+                f"{where}study {study_name!r} in {redact(storage)} already holds {n_trials} "
+                "trials; pass --resume to continue it, or choose another --out or study name"
             )
         elif stored != fingerprint:
             raise SearchError(
-                f"{where}study {study_name!r} in {storage} was made by a different search recipe "
-                "(merge, space, fitness, optimizer or seed changed); start a new study instead"
+                f"{where}study {study_name!r} in {redact(storage)} was made by a different search "
+                "recipe (merge, space, fitness, optimizer or seed changed); start a new study"
             )
         self.distributions = {g.name: FloatDistribution(g.low, g.high) for g in genes}
+        self.owner = uuid.uuid4().hex[:12]
+        # A SQLite study lives in one output folder, written by one process at a time; other
+        # storages may be shared by several searchers, which beat while they work.
+        self.stale_after = 0.0 if storage.startswith("sqlite") else STALE_AFTER_SECONDS
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -77,10 +119,45 @@ class Journal:
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
         return [self.record(t) for t in sorted(done, key=lambda t: t.number)]
 
-    def running(self) -> list[FrozenTrial]:
-        """Trials asked by a process that stopped before telling them (Optuna samplers)."""
+    def live_owners(self) -> list[str]:
+        """Other searchers that have beaten recently on this (shared) study."""
+        now = time.time()
+        return [
+            key.removeprefix("heartbeat.")
+            for key, value in self.study.user_attrs.items()
+            if key.startswith("heartbeat.")
+            and key != f"heartbeat.{self.owner}"
+            and now - value <= self.stale_after
+        ]
+
+    def orphaned(self) -> list[FrozenTrial]:
+        """Running trials whose process stopped before telling them: all of them in a SQLite
+        study (one process writes it), else those whose owner has not beaten for a while."""
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return sorted(trials, key=lambda t: t.number)
+        beats = {
+            key.removeprefix("heartbeat."): value
+            for key, value in self.study.user_attrs.items()
+            if key.startswith("heartbeat.")
+        }
+        now = time.time()
+
+        def stale(trial: FrozenTrial) -> bool:
+            owner = trial.user_attrs.get("owner")
+            return now - beats.get(owner, 0.0) > self.stale_after
+
+        orphans = [t for t in trials if stale(t)]
+        if len(orphans) < len(trials):
+            print(
+                f"{len(trials) - len(orphans)} running trials belong to live searchers "
+                "(heartbeat within the last "
+                f"{self.stale_after:g} s); they are left to them"
+            )
+        return sorted(orphans, key=lambda t: t.number)
+
+    def beat(self) -> None:
+        """Tell other searchers on this study that this process is alive."""
+        if self.stale_after > 0:
+            self.study.set_user_attr(f"heartbeat.{self.owner}", time.time())
 
     def n_trials(self) -> int:
         return len(self.study.get_trials(deepcopy=False))

@@ -24,7 +24,7 @@ from evomerge.merge.recipe import Recipe, dump_yaml
 from evomerge.search.config import SearchRecipe
 from evomerge.search.errors import SearchError
 from evomerge.search.executor import Executor, SerialExecutor
-from evomerge.search.journal import Journal, recipe_hash
+from evomerge.search.journal import Journal, recipe_hash, redact
 from evomerge.search.optimizers import MULTI_OBJECTIVE, check_optimizer, make_optimizer
 from evomerge.search.records import ModelScores, Outcome, SearchSummary, TrialRecord
 from evomerge.search.space import ParameterSpace
@@ -91,19 +91,34 @@ class Search:
             self.space, recipe.optimizer, journal, budget=budget, seed=recipe.seed
         )
         if executor is None:
-            executor = SerialExecutor(
-                self.space.to_recipe(self.space.init()),
-                suites,
-                device=recipe.device,
-                seed=recipe.seed,
-                allow_pickle=recipe.allow_pickle,
-            )
+            executor = self._executor(suites)
         try:
             self._loop(journal, optimizer, executor, echo, progress)
             summary = self._finish(journal, executor, suites, echo, write_model)
         finally:
             executor.close()
         return summary
+
+    def _executor(self, suites: dict[str, TaskSuite]) -> Executor:
+        recipe = self.recipe
+        first = self.space.to_recipe(self.space.init())
+        options = {
+            "device": recipe.device,
+            "seed": recipe.seed,
+            "allow_pickle": recipe.allow_pickle,
+        }
+        if recipe.executor == "ray":
+            from evomerge.search.ray_executor import RayExecutor
+
+            return RayExecutor(
+                first,
+                recipe.fitness,
+                workers=recipe.workers,
+                address=recipe.ray_address,
+                threads=recipe.threads,
+                **options,
+            )
+        return SerialExecutor(first, suites, **options)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -113,10 +128,11 @@ class Search:
         budget = self.recipe.budget
         seconds_before = float(journal.get_attr("seconds", 0.0))
         started = time.monotonic()
+        journal.beat()
         previous = journal.finished()
         finished = len(previous)
         if finished:
-            echo(f"resuming: {finished} finished trials in {self.storage}")
+            echo(f"resuming: {finished} finished trials in {redact(self.storage)}")
         bar = tqdm(
             total=budget.evaluations,
             initial=finished,
@@ -148,6 +164,7 @@ class Search:
             ):
                 outcome.seconds["optimizer"] = ask_seconds
                 optimizer.record(proposal, outcome, recipe_hash(recipe))
+                journal.beat()
                 outcomes[proposal.number] = outcome
                 bar.update(1)
             tick = time.perf_counter()
@@ -277,7 +294,7 @@ class Search:
             "budget": r.budget.model_dump(exclude_none=True),
             "seed": r.seed,
             "device": r.device,
-            "storage": _redact(self.storage),
+            "storage": redact(self.storage),
         }
 
 
@@ -371,16 +388,6 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _redact(storage: str) -> str:
-    """A storage URL without its password."""
-    if "://" in storage and "@" in storage:
-        scheme, rest = storage.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return storage
 
 
 def _set_threads(recipe: SearchRecipe) -> None:

@@ -90,6 +90,11 @@ class NevergradOptimizer:
         import nevergrad as ng
 
         self.space, self.journal = space, journal
+        if journal.live_owners():
+            raise SearchError(
+                "another searcher is working on this study; Nevergrad keeps its state in one "
+                "process: share a study with optimizer backend optuna, or wait for it to stop"
+            )
         self.population = spec.population or default_population(len(space))
         unit_init = np.array(space.to_unit(space.init()))
         unit_sigma = np.array([g.sigma / (g.high - g.low) for g in space.genes])
@@ -147,15 +152,52 @@ class NevergradOptimizer:
             self.optimizer.tell(proposal.handle, loss)
 
 
+def per_trial_seed(seed: int, number: int) -> int:
+    return (seed * 1_000_003 + number) % 2**32
+
+
+def seeded_per_trial(make, seed: int):
+    """An Optuna sampler that hands each trial to a fresh sampler seeded from the search seed
+    and the trial's number: what a trial draws does not depend on which process asks it or on
+    where an earlier run stopped (state such as CMA-ES's lives in the study, not the sampler)."""
+    from optuna.samplers import BaseSampler
+
+    class PerTrialSeed(BaseSampler):
+        def __init__(self) -> None:
+            self.inner = make(seed)
+
+        def before_trial(self, study, trial) -> None:
+            self.inner = make(per_trial_seed(seed, trial.number))
+            self.inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.inner.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self.inner.after_trial(study, trial, state, values)
+
+        def reseed_rng(self) -> None:
+            self.inner.reseed_rng()
+
+    return PerTrialSeed()
+
+
 class OptunaOptimizer:
     def __init__(self, space: ParameterSpace, spec: OptimizerSpec, journal: Journal, *, seed: int):
         self.space, self.journal, self.spec, self.seed = space, journal, spec, seed
         self.population = spec.population or default_population(len(space))
-        self.pending = journal.running()
+        self.pending = journal.orphaned()
+        journal.study.sampler = seeded_per_trial(self._sampler, seed)
 
     @property
     def proposed(self) -> int:
-        """Trials asked so far, less those an earlier process left unevaluated."""
+        """Trials asked so far (by any process), less the orphans this one will evaluate."""
         return self.journal.n_trials() - len(self.pending)
 
     def next_batch(self) -> int:
@@ -164,7 +206,7 @@ class OptunaOptimizer:
         position = self.pending[0].number if self.pending else self.journal.n_trials()
         return self.population - position % self.population
 
-    def _sampler(self, number: int):
+    def _sampler(self, seed: int):
         import optuna
 
         cls = getattr(optuna.samplers, self.spec.name)
@@ -174,7 +216,7 @@ class OptunaOptimizer:
         elif self.spec.name in MULTI_OBJECTIVE:
             options.setdefault("population_size", self.population)
         try:
-            return cls(seed=(self.seed * 1_000_003 + number) % 2**32, **options)
+            return cls(seed=seed, **options)
         except TypeError as exc:
             raise SearchError(f"optimizer.options: {self.spec.name}: {exc}") from None
 
@@ -187,10 +229,11 @@ class OptunaOptimizer:
             frozen = self._next_pending()
             if frozen is not None:
                 trial = optuna.trial.Trial(study, frozen._trial_id)
+                trial.set_user_attr("owner", self.journal.owner)
                 genome = [float(frozen.params[g.name]) for g in self.space.genes]
             else:
-                study.sampler = self._sampler(self.journal.n_trials())
                 trial = study.ask()
+                trial.set_user_attr("owner", self.journal.owner)
                 genome = [trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes]
             generation = trial.number // self.population
             proposals.append(Proposal(trial.number, generation, genome, trial))

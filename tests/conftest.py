@@ -28,3 +28,46 @@ def demo_family(tmp_path_factory) -> Path:
 
     cache = os.environ.get("EVOMERGE_CACHE")
     return ensure_demo_family(Path(cache) if cache else tmp_path_factory.mktemp("evomerge_cache"))
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server on loopback for the session: $EVOMERGE_TEST_POSTGRES when set, else
+    one started here from the Debian package's binaries (as the postgres user when root)."""
+    import glob
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    url = os.environ.get("EVOMERGE_TEST_POSTGRES")
+    if url:
+        yield url
+        return
+    found = shutil.which("initdb") or next(iter(glob.glob("/usr/lib/postgresql/*/bin/initdb")), "")
+    if not found:
+        message = "no PostgreSQL server binaries (initdb); apt-get install postgresql"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    bin_dir = Path(os.path.realpath(found)).parent
+    data = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))
+    data.chmod(0o755)
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT, "check": True}
+    initdb = [*as_user, bin_dir / "initdb", "-D", data / "db", "-A", "trust", "-U", "evomerge"]
+    subprocess.run(initdb, **quiet)
+    options = f"-p {port} -k {data} -h 127.0.0.1"
+    ctl = [*as_user, bin_dir / "pg_ctl", "-D", data / "db", "-l", data / "log", "-w"]
+    subprocess.run([*ctl, "-o", options, "start"], **quiet)
+    try:
+        yield f"postgresql://evomerge@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], **quiet)
+        shutil.rmtree(data, ignore_errors=True)

@@ -1,0 +1,161 @@
+"""Candidates evaluated in parallel on Ray workers: one actor per GPU (or per CPU slot where
+there is none), each holding the resident source tensors and one preallocated model, exactly
+like the serial executor in its own process.
+
+Candidates go to whichever worker is free, so no worker waits for the slowest candidate of a
+generation. A worker that dies is restarted by Ray; its candidate is retried once on another
+worker, and recorded as failed if that dies too. Outcomes come back in candidate order, so the
+journal and the optimizer see the same sequence as with the serial executor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from evomerge.evals.results import EvalResult
+from evomerge.evals.spec import FitnessSpec
+from evomerge.merge.recipe import Recipe
+from evomerge.search.errors import SearchError
+from evomerge.search.records import Outcome
+
+MAX_RESTARTS = 3  # per worker; a worker that keeps dying (e.g. out of memory at load) is dropped
+
+
+class _Worker:
+    """A serial executor in a Ray actor process."""
+
+    def __init__(self, first: Recipe, fitness: FitnessSpec, options: dict[str, Any]):
+        import torch
+
+        from evomerge.evals.suite import prepare_suites
+        from evomerge.search.executor import SerialExecutor
+
+        threads = options.pop("threads")
+        if threads:
+            torch.set_num_threads(threads)
+        self.executor = SerialExecutor(first, prepare_suites(fitness), **options)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def evaluate(self, recipe: Recipe) -> Outcome:
+        return next(self.executor.evaluate([recipe]))
+
+    def score(self, recipe: Recipe, split: str) -> EvalResult:
+        return self.executor.score(recipe, split)
+
+
+class RayExecutor:
+    def __init__(
+        self,
+        first: Recipe,
+        fitness: FitnessSpec,
+        *,
+        device: str = "auto",
+        seed: int = 0,
+        allow_pickle: bool = False,
+        workers: int | None = None,
+        address: str | None = None,
+        threads: int | None = None,
+    ):
+        try:
+            import ray
+        except ImportError:
+            raise SearchError(
+                "executor ray: Ray is not installed; pip install 'evomerge[ray]'"
+            ) from None
+        self._started = not ray.is_initialized()
+        if self._started:
+            ray.init(address=address, include_dashboard=False, logging_level="ERROR")
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
+        count = workers or gpus or max(1, int(resources.get("CPU", 1)))
+        actor = ray.remote(max_restarts=MAX_RESTARTS)(_Worker).options(
+            num_gpus=1 if gpus else 0, num_cpus=threads or 1
+        )
+        options = {
+            "device": device,
+            "seed": seed,
+            "allow_pickle": allow_pickle,
+            "threads": threads or (None if gpus else 1),
+        }
+        self.actors = [actor.remote(first, fitness, dict(options)) for _ in range(count)]
+        self.deaths = dict.fromkeys(range(count), 0)
+        try:
+            self.pids = ray.get([a.pid.remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:
+            self.close()
+            message = _first_line(exc)
+            raise SearchError(f"executor ray: a worker failed to start: {message}") from None
+
+    def evaluate(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        queue = deque(range(len(recipes)))
+        idle = [w for w, deaths in self.deaths.items() if deaths <= MAX_RESTARTS]
+        # object ref -> (candidate, worker); candidate None marks a probe of a restarting worker
+        in_flight: dict[Any, tuple[int | None, int]] = {}
+        tries = dict.fromkeys(range(len(recipes)), 0)
+        done: dict[int, Outcome] = {}
+        next_out = 0
+        while next_out < len(recipes):
+            while idle and queue:
+                candidate, worker = queue.popleft(), idle.pop(0)
+                tries[candidate] += 1
+                ref = self.actors[worker].evaluate.remote(recipes[candidate])
+                in_flight[ref] = (candidate, worker)
+            if not in_flight:
+                raise SearchError("executor ray: every worker has died; see the Ray logs")
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            candidate, worker = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ActorUnavailableError:  # restarting: the call never ran there
+                if candidate is not None:
+                    tries[candidate] -= 1
+                    queue.appendleft(candidate)
+                time.sleep(0.2)
+                in_flight[self.actors[worker].pid.remote()] = (None, worker)
+                continue
+            except RayActorError as exc:
+                self.deaths[worker] += 1
+                if candidate is not None and tries[candidate] >= 2:
+                    done[candidate] = Outcome(
+                        fitness=None, error=f"worker died twice: {_first_line(exc)}"
+                    )
+                elif candidate is not None:
+                    queue.appendleft(candidate)  # retried on the next free worker
+                if self.deaths[worker] <= MAX_RESTARTS:  # Ray restarts it: wait until it answers
+                    in_flight[self.actors[worker].pid.remote()] = (None, worker)
+                continue
+            if candidate is None:
+                self.pids[worker] = result
+            else:
+                done[candidate] = result
+            idle.append(worker)
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+
+    def score(self, recipe: Recipe, split: str) -> EvalResult:
+        import ray
+
+        return ray.get(self.actors[0].score.remote(recipe, split))
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self._started:
+            ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
