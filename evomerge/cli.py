@@ -76,6 +76,15 @@ def search(
     allow_pickle: Annotated[
         bool, typer.Option(help="Also load pickled .bin weights (can run code: trusted only).")
     ] = False,
+    executor: Annotated[
+        str | None, typer.Option(help="serial (default) or ray: candidates in parallel.")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --executor ray: a cluster address, e.g. auto.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="With --executor ray: workers (default: GPUs, else CPUs).")
+    ] = None,
 ) -> None:
     """Evolve the merge recipe RECIPE; write the best recipe, its model and a report."""
     from evomerge.search.command import run_search_command
@@ -89,6 +98,9 @@ def search(
             device=device,
             storage=storage,
             allow_pickle=allow_pickle,
+            executor=executor,
+            ray_address=ray_address,
+            workers=workers,
             echo=typer.echo,
         )
     except MergeError as exc:
