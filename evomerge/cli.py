@@ -107,6 +107,50 @@ def search(
         raise MergeError(with_origin(str(exc), recipe)) from None
 
 
+@app.command()
+def publish(
+    folder: Annotated[
+        Path, typer.Argument(help="A merge folder, or a search output folder holding model/.")
+    ],
+    repo: Annotated[str, typer.Option(help="The Hub repository, user/name.")],
+    private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="List the files and card that would be uploaded; upload nothing.")
+    ] = False,
+    license: Annotated[
+        str | None, typer.Option(help="The license id, when the sources' licenses disagree.")
+    ] = None,
+) -> None:
+    """Check FOLDER, complete its model card and upload it to the Hugging Face Hub."""
+    from evomerge.publish import publish as run_publish
+
+    run_publish(folder, repo, private=private, dry_run=dry_run, license=license, echo=typer.echo)
+
+
+@app.command()
+def reproduce(
+    source: Annotated[
+        str, typer.Argument(help="A published merge: a Hub id (with @revision) or a folder.")
+    ],
+    out: Annotated[Path | None, typer.Option(help="Keep the rebuilt checkpoint here.")] = None,
+    verify: Annotated[
+        bool, typer.Option(help="Compare every tensor with the published weights.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Also load pickled .bin weights (can run code: trusted only).")
+    ] = False,
+) -> None:
+    """Rebuild a published merge from its recipe; with --verify, check it tensor by tensor."""
+    from evomerge.reproduce import reproduce as run_reproduce
+
+    report = run_reproduce(
+        source, out=out, verify=verify, device=device, allow_pickle=allow_pickle, echo=typer.echo
+    )
+    if report is not None and not report.passed:
+        raise typer.Exit(1)
+
+
 def with_origin(message: str, path: Path) -> str:
     """Prefix an error with the recipe file it came from, once."""
     return message if message.startswith(str(path)) else f"{path}: {message}"
