@@ -11,7 +11,9 @@ from evomerge.merge.errors import MergeError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 PICKLE_PATTERNS = ["*.bin", "*.bin.index.json"]
-SIDE_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+# Tokenizer and config files, the model card, and a published merge's recipe
+# (evomerge_recipe.yaml, mergekit_config.yml).
+SIDE_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "*.yaml", "*.yml"]
 
 
 @dataclass(frozen=True)
