@@ -135,7 +135,7 @@ def render_markdown(summary: SearchSummary, images: Sequence[tuple[str, str, str
     lines = [f"# {summary.title or 'Search report'}", ""]
     if summary.settings:
         lines += ["## Settings", "", *_table(["setting", "value"], summary.settings.items()), ""]
-    lines += _results_section(summary.references)
+    lines += results_section(summary.references)
     lines += _trials_section(summary)
     lines += _best_section(summary)
     if summary.pareto and len(summary.objectives) >= 2:
@@ -153,7 +153,7 @@ def render_markdown(summary: SearchSummary, images: Sequence[tuple[str, str, str
     return "\n".join(lines)
 
 
-def _results_section(refs: Sequence[ModelScores]) -> list[str]:
+def results_section(refs: Sequence[ModelScores]) -> list[str]:
     lines = ["## Results", ""]
     if not refs:
         return [*lines, "No reference scores.", ""]
