@@ -70,7 +70,7 @@ def run_merge(
     try:
         write_weights(plan, staging, torch_device, seed, shard_bytes, progress)
         write_side_files(plan, staging, seed, out_dir.name, chat_template)
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -147,7 +147,7 @@ def write_side_files(
     (out_dir / "README.md").write_text(model_card(plan, recipe_yaml, seed, name))
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
+def move_into_place(staging: Path, out_dir: Path) -> None:
     old = None
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"

@@ -227,12 +227,20 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe.from_yaml(read_text(path, "recipe"), origin=str(path))
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """The first pydantic error as 'field.path: message', counting the rest."""
+def describe_validation_error(
+    exc: ValidationError, tagged: dict[str, set[str]] | None = None
+) -> str:
+    """The first pydantic error as 'field.path: message', counting the rest. `tagged` names
+    fields holding a discriminated union ({field: its tag values}): the tag pydantic puts in
+    the path after such a field is dropped, as it is not a key the user wrote."""
     errors = exc.errors()
     # Union members each report a failure; prefer the most specific (deepest) one.
     first = max(errors, key=lambda e: (e["type"] != "literal_error", len(e["loc"])))
-    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    parts = list(first["loc"])
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] in (tagged or {}).get(str(parts[i - 1]), ()):
+            del parts[i]
+    loc = ".".join(str(p) for p in parts if not _is_union_tag(p))
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see mergekit's recipe format)"

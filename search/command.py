@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from evomerge.search.journal import redact
 from evomerge.search.loop import Search
 from evomerge.search.optimizers import default_population
 
+MAX_GENES_LISTED = 40  # --dry-run lists this many genes, then counts the rest
 # Generation throughput assumed by --dry-run for a 7B model (HF transformers, greedy, batch 32,
 # one H100), whatever the recipe's models (larger ones are slower). Measure yours with
 # `evomerge eval`.
@@ -67,15 +69,14 @@ def run_search_command(
 def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> None:
     """Validate the recipe and print the space, the budget and a cost estimate, offline."""
     from evomerge.evals.catalog import TaskCatalog
-    from evomerge.search.loop import ensure_demo_family, num_layers
+    from evomerge.search.loop import ensure_demo_family, make_space, num_layers
     from evomerge.search.optimizers import check_optimizer
-    from evomerge.search.space import ParameterSpace
 
     check_optimizer(recipe.optimizer)
     if recipe.demo_family is not None:
         ensure_demo_family(recipe.demo_family)
     layers = num_layers(recipe)
-    space = ParameterSpace(recipe.merge, recipe.space, layers)
+    space = make_space(recipe)
     spec = recipe.fitness
     catalog = TaskCatalog(spec.include_path)
     names = [e.task for split in ("fitness", "heldout") for e in spec.entries(split)]
@@ -90,10 +91,14 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     echo(f"merge: {m.merge_method} of {', '.join(models)} over {m.base_model or '(no base)'}")
     echo(f"layers: {layers if layers is not None else 'unknown offline'}")
     echo(f"space: {len(space)} genes")
-    width = max(len(g.name) for g in space.genes)
+    shown = space.genes if len(space) <= MAX_GENES_LISTED else space.genes[:MAX_GENES_LISTED]
+    width = max(len(g.name) for g in shown)
     echo(f"  {'gene':<{width}}  {'low':>6} {'high':>6} {'init':>6} {'sigma':>7}")
-    for g in space.genes:
+    for g in shown:
         echo(f"  {g.name:<{width}}  {g.low:>6g} {g.high:>6g} {g.init:>6g} {g.sigma:>7.4g}")
+    if len(shown) < len(space):
+        kinds = ", ".join(f"{n} {k}" for k, n in Counter(g.param for g in space.genes).items())
+        echo(f"  ... {len(space) - len(shown)} more ({kinds} in all)")
     opt = recipe.optimizer
     population = opt.population or default_population(len(space))
     evaluations = recipe.budget.evaluations

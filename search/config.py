@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -74,6 +74,9 @@ class ParameterRange(_Strict):
 
 
 class SpaceSpec(_Strict):
+    """Parameter space: numbers of the merge recipe (weights, densities ...)."""
+
+    type: Literal["parameters"] = "parameters"
     parameters: dict[str, ParameterRange] = Field(min_length=1)
     layer_granularity: int | None = Field(default=None, gt=0)
     filters: list[str] = []
@@ -106,6 +109,35 @@ class SpaceSpec(_Strict):
         return models
 
 
+class DfsSpec(_Strict):
+    """Data-flow space (Akiba et al. 2024, sec. 3.2): which layers of which model the hidden
+    state passes through, in which order, and the scale of each hop's input.
+
+    The layers of all models, laid out [model A's, model B's, ...], repeat `repeats` times: one
+    on/off gene per slot (on when positive) in [-1, 1]. A is the merge's base model (else the
+    first): it gives the embeddings, the tokenizer and lm_head; with `pin_ends` its first and
+    last layers start and end every path. The genes of A's first repetition start on (+0.5), the
+    others off (-0.5), so the search starts from model A.
+    """
+
+    type: Literal["dfs"]
+    repeats: int = Field(default=2, gt=0)
+    pin_ends: bool = True
+    on_sigma: float = Field(default=0.5, gt=0)  # step of the on/off genes
+    # matrix: W[i][j] scales the input of layer j when it follows layer i (Sakana's W);
+    # per_slot: one scale per slot; none: every scale is 1.
+    scale_form: Literal["matrix", "per_slot", "none"] = "matrix"
+    scales: ParameterRange = ParameterRange(low=0.5, high=2.0, init=1.0, sigma=0.1)
+    num_layers: int | None = Field(default=None, gt=0)  # per model, for --dry-run offline
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, scales: ParameterRange) -> ParameterRange:
+        if scales.low <= 0:
+            raise ValueError(f"scales must be positive: low is {scales.low}")
+        return scales
+
+
 class BudgetSpec(_Strict):
     evaluations: int | None = Field(default=None, gt=0)
     seconds: float | None = Field(default=None, gt=0)
@@ -126,7 +158,7 @@ class OptimizerSpec(_Strict):
 
 class SearchRecipe(_Strict):
     merge: Recipe
-    space: SpaceSpec
+    space: Annotated[SpaceSpec | DfsSpec, Field(discriminator="type")]
     fitness: FitnessSpec
     budget: BudgetSpec
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -145,8 +177,16 @@ class SearchRecipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("merge"), dict):
-            data = {**data, "merge": {"merge_method": DEFAULT_METHOD, **data["merge"]}}
+        if not isinstance(data, dict):
+            return data
+        space = data.get("space")
+        if isinstance(space, dict) and "type" not in space:
+            space = {"type": "parameters", **space}
+            data = {**data, "space": space}
+        if isinstance(data.get("merge"), dict):
+            dfs = isinstance(space, dict) and space.get("type") == "dfs"
+            method = "passthrough" if dfs else DEFAULT_METHOD
+            data = {**data, "merge": {"merge_method": method, **data["merge"]}}
         return data
 
     def fingerprint(self) -> str:
@@ -176,7 +216,8 @@ def parse_search_recipe(data: Any, origin: str, base_dir: Path | None = None) ->
     try:
         return SearchRecipe.model_validate(data)
     except ValidationError as exc:
-        raise SearchError(f"{origin}: {describe_validation_error(exc)}") from None
+        message = describe_validation_error(exc, {"space": {"parameters", "dfs"}})
+        raise SearchError(f"{origin}: {message}") from None
 
 
 def _fitness_file(path: Path, origin: str) -> dict[str, Any]:

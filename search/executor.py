@@ -98,3 +98,46 @@ class SerialExecutor:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+class StackedExecutor(SerialExecutor):
+    """Data-flow candidates: the source models are loaded once and every candidate path runs
+    over their shared layers in one stacked model (no weights are copied or written)."""
+
+    def __init__(
+        self,
+        refs: dict[str, str],
+        base: str,
+        first: list,
+        suites: dict[str, TaskSuite],
+        *,
+        device: str = "auto",
+        dtype: str | None = None,
+        allow_pickle: bool = False,
+        seed: int = 0,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.evals.evaluator import Evaluator
+        from evomerge.merge.compute import resolve_device
+        from evomerge.merge.refs import resolve_model_dir
+        from evomerge.merge.stacking import StackedModel
+
+        del seed  # paths are deterministic
+        target = resolve_device(device)
+        folders = {n: resolve_model_dir(ref, allow_pickle=allow_pickle) for n, ref in refs.items()}
+        models = {
+            name: AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype) if dtype else "auto"
+            )
+            .to(target)
+            .eval()
+            for name, folder in folders.items()
+        }
+        self.stack = StackedModel(models, first, base)
+        self.model = self.stack.model
+        tokenizer = AutoTokenizer.from_pretrained(folders[base])
+        self.evaluator = Evaluator(self.model, tokenizer, suites)
+
+    def _materialize(self, path: list) -> None:
+        self.stack.set_path(path)

@@ -21,13 +21,13 @@ import torch
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
 from evomerge.merge.recipe import Recipe, dump_yaml
-from evomerge.search.config import SearchRecipe
+from evomerge.search.config import DfsSpec, SearchRecipe
 from evomerge.search.errors import SearchError
-from evomerge.search.executor import Executor, SerialExecutor
+from evomerge.search.executor import Executor, SerialExecutor, StackedExecutor
 from evomerge.search.journal import Journal, recipe_hash, redact
 from evomerge.search.optimizers import MULTI_OBJECTIVE, check_optimizer, make_optimizer
 from evomerge.search.records import ModelScores, Outcome, SearchSummary, TrialRecord
-from evomerge.search.space import ParameterSpace
+from evomerge.search.space import GeneSpace, ParameterSpace
 
 Echo = Callable[[str], None]
 SPLITS = ("fitness", "heldout")
@@ -37,7 +37,7 @@ SPLITS = ("fitness", "heldout")
 class Search:
     recipe: SearchRecipe
     out: Path
-    space: ParameterSpace
+    space: GeneSpace
     objectives: list[str]
     storage: str
     title: str = "search"
@@ -50,7 +50,9 @@ class Search:
         check_optimizer(recipe.optimizer)
         if recipe.demo_family is not None:
             ensure_demo_family(recipe.demo_family)
-        space = ParameterSpace(recipe.merge, recipe.space, num_layers(recipe))
+        if isinstance(recipe.space, DfsSpec) and recipe.executor == "ray":
+            raise SearchError("executor: data-flow searches run with the serial executor for now")
+        space = make_space(recipe)
         objectives = [entry.task for entry in recipe.fitness.tasks]
         storage = storage or recipe.storage or f"sqlite:///{(out / 'study.db').resolve()}"
         return cls(recipe, out, space, objectives, storage, title)
@@ -101,12 +103,23 @@ class Search:
 
     def _executor(self, suites: dict[str, TaskSuite]) -> Executor:
         recipe = self.recipe
-        first = self.space.to_recipe(self.space.init())
         options = {
             "device": recipe.device,
             "seed": recipe.seed,
             "allow_pickle": recipe.allow_pickle,
         }
+        if isinstance(recipe.space, DfsSpec):
+            space = self.space
+            return StackedExecutor(
+                space.refs,  # type: ignore[attr-defined]
+                space.names[0],  # type: ignore[attr-defined]
+                space.candidate(space.init()),
+                suites,
+                device=recipe.device,
+                dtype=recipe.merge.dtype,
+                allow_pickle=recipe.allow_pickle,
+            )
+        first = self.space.to_recipe(self.space.init())
         if recipe.executor == "ray":
             from evomerge.search.ray_executor import RayExecutor
 
@@ -158,9 +171,10 @@ class Search:
             ask_seconds = (time.perf_counter() - tick + tell_seconds) / max(len(proposals), 1)
             todo = [p for p in proposals if p.done is None]
             recipes = [self.space.to_recipe(p.genome) for p in todo]
+            candidates = [self.space.candidate(p.genome) for p in todo]
             outcomes: dict[int, Outcome] = {}
             for proposal, recipe, outcome in zip(
-                todo, recipes, executor.evaluate(recipes), strict=True
+                todo, recipes, executor.evaluate(candidates), strict=True
             ):
                 outcome.seconds["optimizer"] = ask_seconds
                 optimizer.record(proposal, outcome, recipe_hash(recipe))
@@ -219,14 +233,14 @@ class Search:
                 text = _best_recipe_text(self.space.to_recipe(trial.genome), trial, self)
                 _write_text(self.out / "pareto" / f"trial-{number}.yaml", text)
         echo(f"best: trial {best.number}, fitness {best.outcome.fitness:.4f}")
-        references = self._references(journal, executor, suites, best_recipe, echo)
+        references = self._references(journal, executor, suites, best, echo)
         _write_text(
             self.out / "scores.json",
             json.dumps([r.to_dict() for r in references], indent=2) + "\n",
         )
         journal.study.trials_dataframe().to_csv(self.out / "trials.csv", index=False)
         if write_model:
-            self._write_model(best_recipe, echo)
+            self._write_model(best.genome, echo)
         summary = SearchSummary(
             title=self.title,
             genes=self.space.genes,
@@ -247,12 +261,12 @@ class Search:
         journal: Journal,
         executor: Executor,
         suites: dict[str, TaskSuite],
-        best_recipe: Recipe,
+        best: TrialRecord,
         echo: Echo,
     ) -> list[ModelScores]:
         """Sources, uniform merge and best merge on both splits (cached in the study)."""
         cached = journal.get_attr("references")
-        key = recipe_hash(best_recipe)
+        key = recipe_hash(self.space.to_recipe(best.genome))
         if cached and cached.get("best") == key:
             return [ModelScores.from_dict(d) for d in cached["scores"]]
         echo("scoring the sources, the uniform merge and the best merge on both splits")
@@ -261,26 +275,20 @@ class Search:
             _source_scores(model, self.recipe, suites)
             for model in self.recipe.merge.referenced_models()
         ]
-        for name, kind, recipe in (
-            ("uniform merge", "uniform", self.space.to_recipe(self.space.init())),
-            ("best merge", "best", best_recipe),
-        ):
-            results = {split: executor.score(recipe, split) for split in splits}
+        for name, kind, candidate in self.space.references(best.genome):
+            results = {split: executor.score(candidate, split) for split in splits}
             references.append(_model_scores(name, kind, results))
         journal.set_attr("references", {"best": key, "scores": [r.to_dict() for r in references]})
         return references
 
-    def _write_model(self, best_recipe: Recipe, echo: Echo) -> None:
-        from evomerge.merge.materialize import run_merge
-
+    def _write_model(self, genome: list[float], echo: Echo) -> None:
         target = self.out / "model"
-        run_merge(
-            best_recipe,
+        self.space.write_model(
+            genome,
             target,
             device=self.recipe.device,
             seed=self.recipe.seed,
             allow_pickle=self.recipe.allow_pickle,
-            overwrite=True,
         )
         echo(f"wrote the best merge to {target}")
 
@@ -300,11 +308,16 @@ class Search:
 
 def num_layers(recipe: SearchRecipe) -> int | None:
     """The layer count of the merge's config model, read without downloading anything."""
-    import json
+    merge = recipe.merge
+    return layer_count(merge.base_model or merge.models[0].model, recipe.space.num_layers)  # type: ignore[index]
 
+
+def layer_count(model: str, fallback: int | None) -> int | None:
+    """A model's layer count from its config.json (a local folder, or the Hugging Face cache);
+    `fallback` when the config is not on this machine."""
     from evomerge.merge.refs import ModelRef
 
-    ref = ModelRef.parse(recipe.merge.base_model or recipe.merge.models[0].model)  # type: ignore[index]
+    ref = ModelRef.parse(model)
     config = Path(ref.path) / "config.json"
     if not ref.is_local and ref.hub_id:
         from huggingface_hub import try_to_load_from_cache
@@ -318,7 +331,18 @@ def num_layers(recipe: SearchRecipe) -> int | None:
             return data["num_hidden_layers"]
     if ref.is_local:
         raise SearchError(f"merge: {ref.path} has no config.json with num_hidden_layers")
-    return recipe.space.num_layers
+    return fallback
+
+
+def make_space(recipe: SearchRecipe) -> GeneSpace:
+    """The recipe's search space, built without loading or downloading a model."""
+    if isinstance(recipe.space, DfsSpec):
+        from evomerge.search.dfs import DataFlowSpace
+
+        refs = recipe.merge.referenced_models()
+        counts = {ref: layer_count(ref, recipe.space.num_layers) for ref in refs}
+        return DataFlowSpace(recipe.merge, recipe.space, counts)
+    return ParameterSpace(recipe.merge, recipe.space, num_layers(recipe))
 
 
 def _source_scores(model: str, recipe: SearchRecipe, suites: dict[str, TaskSuite]) -> ModelScores:

@@ -12,7 +12,7 @@ Optimizers see the unit cube: `to_unit` and `from_unit` map each gene's [low, hi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from evomerge.merge.methods import MergeMethod, Scope, get_method
@@ -25,7 +25,69 @@ from evomerge.search.records import Gene
 OTHER = "*"  # the filter label of tensors that match none of the space's filters
 
 
-class ParameterSpace:
+class GeneSpace:
+    """What every search space offers the loop: genes, bounds, the unit cube, and a genome's
+    recipe (for the journal and `best_recipe.yaml`) and candidate (what an executor runs)."""
+
+    genes: list[Gene]
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def init(self) -> list[float]:
+        """The genome of every gene at its initial value (the uniform merge when inits agree)."""
+        return [g.init for g in self.genes]
+
+    def check(self, genome: Sequence[float]) -> list[float]:
+        if len(genome) != len(self.genes):
+            raise SearchError(f"a genome of {len(genome)} numbers for {len(self.genes)} genes")
+        out = []
+        for gene, value in zip(self.genes, genome, strict=True):
+            value = float(value)
+            if not gene.low <= value <= gene.high:
+                raise SearchError(
+                    f"gene {gene.name} = {value} lies outside [{gene.low}, {gene.high}]"
+                )
+            out.append(value)
+        return out
+
+    def to_unit(self, genome: Sequence[float]) -> list[float]:
+        return [(v - g.low) / (g.high - g.low) for g, v in zip(self.genes, genome, strict=True)]
+
+    def from_unit(self, unit: Sequence[float]) -> list[float]:
+        return [
+            g.low + min(1.0, max(0.0, float(u))) * (g.high - g.low)
+            for g, u in zip(self.genes, unit, strict=True)
+        ]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"gene": g.name, "low": g.low, "high": g.high, "init": g.init, "sigma": g.sigma}
+            for g in self.genes
+        ]
+
+    def to_recipe(self, genome: Sequence[float]) -> Recipe:
+        raise NotImplementedError
+
+    def candidate(self, genome: Sequence[float]) -> Any:
+        """What the executor evaluates: the recipe itself for a parameter-space search."""
+        return self.to_recipe(genome)
+
+    def references(self, best: Sequence[float]) -> list[tuple[str, str, Any]]:
+        """(name, kind, candidate) of the merges the best one is judged against, and the best."""
+        return [
+            ("uniform merge", "uniform", self.candidate(self.init())),
+            ("best merge", "best", self.candidate(best)),
+        ]
+
+    def write_model(self, genome: Sequence[float], out: Path, **options: Any) -> None:
+        """Write the genome's merge as a checkpoint in `out`."""
+        from evomerge.merge.materialize import run_merge
+
+        run_merge(self.to_recipe(genome), out, overwrite=True, **options)
+
+
+class ParameterSpace(GeneSpace):
     def __init__(self, template: Recipe, spec: SpaceSpec, num_layers: int | None):
         if not template.models:
             raise SearchError(
@@ -38,7 +100,7 @@ class ParameterSpace:
         self.models = self._searched_models(template, spec)
         self.filters: list[str | None] = [*spec.filters, OTHER] if spec.filters else [None]
         self.genes: list[Gene] = []
-        labels = _short_names(self.models)
+        labels = short_names(self.models)
         for param, bounds in spec.parameters.items():
             scope = self._scope(param)
             if scope == Scope.NON_BASE:
@@ -62,9 +124,6 @@ class ParameterSpace:
                         )
         if not self.genes:
             raise SearchError("space: no genes to search (no models besides the base?)")
-
-    def __len__(self) -> int:
-        return len(self.genes)
 
     def _scope(self, param: str) -> Scope:
         spec = self.method.param(param)
@@ -115,32 +174,6 @@ class ParameterSpace:
 
     # --- genome <-> recipe ---------------------------------------------------------------------
 
-    def init(self) -> list[float]:
-        """The genome of every gene at its initial value (the uniform merge when inits agree)."""
-        return [g.init for g in self.genes]
-
-    def check(self, genome: Sequence[float]) -> list[float]:
-        if len(genome) != len(self.genes):
-            raise SearchError(f"a genome of {len(genome)} numbers for {len(self.genes)} genes")
-        out = []
-        for gene, value in zip(self.genes, genome, strict=True):
-            value = float(value)
-            if not gene.low <= value <= gene.high:
-                raise SearchError(
-                    f"gene {gene.name} = {value} lies outside [{gene.low}, {gene.high}]"
-                )
-            out.append(value)
-        return out
-
-    def to_unit(self, genome: Sequence[float]) -> list[float]:
-        return [(v - g.low) / (g.high - g.low) for g, v in zip(self.genes, genome, strict=True)]
-
-    def from_unit(self, unit: Sequence[float]) -> list[float]:
-        return [
-            g.low + min(1.0, max(0.0, float(u))) * (g.high - g.low)
-            for g, u in zip(self.genes, unit, strict=True)
-        ]
-
     def to_recipe(self, genome: Sequence[float]) -> Recipe:
         """The merge recipe of a genome: the template with the searched parameters filled in."""
         genome = self.check(genome)
@@ -181,12 +214,6 @@ class ParameterSpace:
             genome.append(float(value))
         return genome
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [
-            {"gene": g.name, "low": g.low, "high": g.high, "init": g.init, "sigma": g.sigma}
-            for g in self.genes
-        ]
-
 
 def _setting(by_filter: dict[str | None, Any]) -> Any:
     if list(by_filter) == [None]:
@@ -204,7 +231,7 @@ def _span(layers: tuple[int, int] | None) -> str | None:
     return f"layers{start}" if end - start == 1 else f"layers{start}-{end - 1}"
 
 
-def _short_names(models: list[str]) -> dict[str, str]:
+def short_names(models: list[str]) -> dict[str, str]:
     """Readable gene labels: the last path part of each model, or its position when not unique."""
     names = {m: PurePath(m.split("@")[0]).name or m for m in models}
     if len(set(names.values())) < len(names):
