@@ -8,9 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from evomerge.search.config import SearchRecipe, load_search_recipe, parse_search_recipe
+from evomerge.search.config import (
+    PsDfsSpec,
+    SearchRecipe,
+    load_search_recipe,
+    parse_search_recipe,
+)
 from evomerge.search.errors import SearchError
-from evomerge.search.journal import redact
 from evomerge.search.loop import Search
 from evomerge.search.optimizers import default_population
 
@@ -61,8 +65,7 @@ def run_search_command(
     except SearchError:
         raise
     except KeyboardInterrupt:
-        where = redact(search.storage)
-        echo(f"interrupted; every finished trial is in {where}: --resume continues")
+        echo("interrupted; every finished trial is recorded: --resume continues")
         raise
 
 
@@ -75,6 +78,15 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     check_optimizer(recipe.optimizer)
     if recipe.demo_family is not None:
         ensure_demo_family(recipe.demo_family)
+    if isinstance(recipe.space, PsDfsSpec):
+        from evomerge.search.loop import stage_recipes
+
+        # Stage 2 runs on stage 1's merge, which has the base model's architecture.
+        stages = stage_recipes(recipe, Path("."), model_a=recipe.merge.base_model)
+        for stage, what in zip(stages, ("1 of 2: parameter", "2 of 2: data-flow"), strict=True):
+            echo(f"== stage {what} space ==")
+            describe(stage, path, echo)
+        return
     layers = num_layers(recipe)
     space = make_space(recipe)
     spec = recipe.fitness

@@ -120,7 +120,7 @@ class DfsSpec(_Strict):
     others off (-0.5), so the search starts from model A.
     """
 
-    type: Literal["dfs"]
+    type: Literal["dfs"] = "dfs"
     repeats: int = Field(default=2, gt=0)
     pin_ends: bool = True
     on_sigma: float = Field(default=0.5, gt=0)  # step of the on/off genes
@@ -136,6 +136,17 @@ class DfsSpec(_Strict):
         if scales.low <= 0:
             raise ValueError(f"scales must be positive: low is {scales.low}")
         return scales
+
+
+class PsDfsSpec(_Strict):
+    """Two stages (Akiba et al. 2024, PS+DFS): a parameter-space search of the merge, then a
+    data-flow search over the layers of its best merge (model A) and `partner` (model B, by
+    default the first model of the merge other than its base). Each stage gets the budget."""
+
+    type: Literal["ps+dfs"]
+    ps: SpaceSpec
+    dfs: DfsSpec = DfsSpec()
+    partner: str | None = None
 
 
 class BudgetSpec(_Strict):
@@ -158,7 +169,7 @@ class OptimizerSpec(_Strict):
 
 class SearchRecipe(_Strict):
     merge: Recipe
-    space: Annotated[SpaceSpec | DfsSpec, Field(discriminator="type")]
+    space: Annotated[SpaceSpec | DfsSpec | PsDfsSpec, Field(discriminator="type")]
     fitness: FitnessSpec
     budget: BudgetSpec
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -216,7 +227,7 @@ def parse_search_recipe(data: Any, origin: str, base_dir: Path | None = None) ->
     try:
         return SearchRecipe.model_validate(data)
     except ValidationError as exc:
-        message = describe_validation_error(exc, {"space": {"parameters", "dfs"}})
+        message = describe_validation_error(exc, {"space": {"parameters", "dfs", "ps+dfs"}})
         raise SearchError(f"{origin}: {message}") from None
 
 

@@ -9,6 +9,7 @@ and the uniform merge on both splits, write it, and write the report.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
 from evomerge.merge.recipe import Recipe, dump_yaml
-from evomerge.search.config import DfsSpec, SearchRecipe
+from evomerge.search.config import DfsSpec, PsDfsSpec, SearchRecipe
 from evomerge.search.errors import SearchError
 from evomerge.search.executor import Executor, SerialExecutor, StackedExecutor
 from evomerge.search.journal import Journal, recipe_hash, redact
@@ -50,6 +51,11 @@ class Search:
         check_optimizer(recipe.optimizer)
         if recipe.demo_family is not None:
             ensure_demo_family(recipe.demo_family)
+        if isinstance(recipe.space, PsDfsSpec):
+            for stage in stage_recipes(recipe, out):  # check both stages now
+                if not isinstance(stage.space, DfsSpec):
+                    cls.prepare(stage, out / "ps", storage=storage, title=title)
+            return StagedSearch(recipe, out, storage, title)  # type: ignore[return-value]
         if isinstance(recipe.space, DfsSpec) and recipe.executor == "ray":
             raise SearchError("executor: data-flow searches run with the serial executor for now")
         space = make_space(recipe)
@@ -306,6 +312,96 @@ class Search:
         }
 
 
+def stage_recipes(
+    recipe: SearchRecipe, out: Path, model_a: str | None = None
+) -> tuple[SearchRecipe, SearchRecipe]:
+    """The two searches of a PS+DFS recipe: the parameter-space one, and the data-flow one over
+    the layers of its best merge (written to out/ps/model, or `model_a`) and the partner."""
+    spec = recipe.space
+    assert isinstance(spec, PsDfsSpec)
+    merge = recipe.merge
+    others = [m.model for m in merge.models or [] if m.model != merge.base_model]
+    partner = spec.partner or (others[0] if others else None)
+    if partner is None:
+        raise SearchError("space.partner: name the model whose layers join the PS merge's")
+    a = model_a or str(out / "ps" / "model")
+    ps = recipe.model_copy(update={"space": spec.ps, "study_name": f"{recipe.study_name}-ps"})
+    dfs_merge = Recipe.model_validate(
+        {
+            "merge_method": "passthrough",
+            "base_model": a,
+            "models": [{"model": a}, {"model": partner}],
+            "dtype": merge.dtype,
+        }
+    )
+    dfs = recipe.model_copy(
+        update={
+            "merge": dfs_merge,
+            "space": spec.dfs,
+            "study_name": f"{recipe.study_name}-dfs",
+            "demo_family": None,
+        }
+    )
+    return ps, dfs
+
+
+@dataclass
+class StagedSearch:
+    """PS+DFS: a parameter-space search into out/ps, then a data-flow search over its best
+    merge and the partner into out/dfs; out/report.md compares the two on held-out data."""
+
+    recipe: SearchRecipe
+    out: Path
+    storage: str | None
+    title: str
+
+    def run(
+        self, *, resume: bool = False, echo: Echo = print, progress: bool = True, **_: Any
+    ) -> SearchSummary:
+        ps_recipe, dfs_recipe = stage_recipes(self.recipe, self.out)
+        echo("stage 1 of 2: parameter space")
+        ps = Search.prepare(
+            ps_recipe, self.out / "ps", storage=self.storage, title=f"{self.title} PS"
+        )
+        ps_summary = ps.run(resume=resume, echo=echo, progress=progress)
+        partner = dfs_recipe.merge.models[1].model  # type: ignore[index]
+        echo(f"stage 2 of 2: data flow over the PS merge and {partner}")
+        dfs = Search.prepare(
+            dfs_recipe, self.out / "dfs", storage=self.storage, title=f"{self.title} PS+DFS"
+        )
+        summary = dfs.run(resume=resume, echo=echo, progress=progress)
+        _write_text(self.out / "report.md", _stages_report(self.title, ps_summary, summary))
+        echo(f"wrote {self.out / 'report.md'}")
+        return summary
+
+
+def _stages_report(title: str, ps: SearchSummary, dfs: SearchSummary) -> str:
+    def best(summary: SearchSummary) -> ModelScores:
+        return next(r for r in summary.references if r.kind == "best")
+
+    a, b = best(ps), best(dfs)
+    rows = ["| stage | best held-out total ± stderr | folder |", "| --- | --- | --- |"]
+    for name, ref, folder in (("PS", a, "ps/"), ("PS+DFS", b, "dfs/")):
+        rows.append(
+            f"| {name} | {ref.heldout_total:.4f} ± {ref.heldout_total_stderr or 0:.4f} | "
+            f"[{folder}report.md]({folder}report.md) |"
+        )
+    margin = math.hypot(a.heldout_total_stderr or 0, b.heldout_total_stderr or 0)
+    gain = (b.heldout_total or 0) - (a.heldout_total or 0)
+    verdict = "beats" if gain > margin else "does not beat"
+    return "\n".join(
+        [
+            f"# {title}: PS+DFS",
+            "",
+            *rows,
+            "",
+            f"PS+DFS **{verdict}** PS on held-out data: {gain:+.4f} against a combined stderr "
+            f"of {margin:.4f}.",
+            "",
+        ]
+    )
+
+
 def num_layers(recipe: SearchRecipe) -> int | None:
     """The layer count of the merge's config model, read without downloading anything."""
     merge = recipe.merge
@@ -364,7 +460,9 @@ def _source_scores(model: str, recipe: SearchRecipe, suites: dict[str, TaskSuite
         results = {split: evaluator.score(split) for split in SPLITS if split in suites}
     finally:
         evaluator.close()
-    name = Path(model).name if Path(model).exists() else model
+    path = Path(model)
+    name = "/".join(path.parts[-2:]) if path.name == "model" else path.name  # a stage's merge
+    name = name if path.exists() else model
     return _model_scores(name, "source", results)
 
 

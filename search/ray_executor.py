@@ -143,9 +143,21 @@ class RayExecutor:
                 next_out += 1
 
     def score(self, recipe: Recipe, split: str) -> EvalResult:
+        """One recipe on one split, on whichever worker answers (one may be restarting)."""
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
-        return ray.get(self.actors[0].score.remote(recipe, split))
+        for attempt in range(120):
+            worker = attempt % len(self.actors)
+            if self.deaths[worker] > MAX_RESTARTS:
+                continue
+            try:
+                return ray.get(self.actors[worker].score.remote(recipe, split))
+            except ActorUnavailableError:
+                time.sleep(0.5)
+            except RayActorError:
+                self.deaths[worker] += 1
+        raise SearchError("executor ray: no worker could score the merge; see the Ray logs")
 
     def close(self) -> None:
         import ray

@@ -164,3 +164,52 @@ def test_dfs_search_beats_the_plain_frankenmerge_and_exports_what_it_scored(
     result = Evaluator(candidate.model, candidate.tokenizer, suites).score("heldout")
     assert result.scores[0].value == best[0]
     assert (out / "best_recipe.yaml").is_file() and (out / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_ps_then_dfs_runs_both_stages_and_compares_them(demo_family, tmp_path):
+    from evomerge.search.config import load_search_recipe
+    from evomerge.search.loop import Search
+
+    family = {name: str(demo_family / name) for name in ("base", "expert_a", "expert_b")}
+    recipe_file = tmp_path / "ps-dfs.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "merge": {
+                    "base_model": family["base"],
+                    "models": [{"model": family["expert_a"]}, {"model": family["expert_b"]}],
+                    "dtype": "float32",
+                },
+                "space": {
+                    "type": "ps+dfs",
+                    "ps": {"parameters": {"weight": {}, "density": {"low": 0.1}}},
+                    "dfs": {"repeats": 1, "scale_form": "per_slot"},
+                },
+                "fitness": {
+                    "tasks": [
+                        {
+                            "task": "demo_combined",
+                            "metric": "exact_match",
+                            "rows": "0:50",
+                            "heldout": {"task": "demo_combined_heldout", "rows": "0:50"},
+                        }
+                    ],
+                    "batch_size": 50,
+                },
+                "budget": {"evaluations": 8},
+                "optimizer": {"name": "CMA", "population": 4},
+                "device": "cpu",
+            }
+        )
+    )
+    out = tmp_path / "out"
+    recipe = load_search_recipe(recipe_file)
+    summary = Search.prepare(recipe, out).run(echo=lambda _: None, progress=False)
+    assert (out / "ps" / "model" / "config.json").is_file()
+    assert (out / "dfs" / "model" / "evomerge_path.json").is_file()
+    names = [r.name for r in summary.references]
+    assert names[:2] == ["ps/model", "expert_a"]  # stage 2: the PS merge and the partner
+    report = (out / "report.md").read_text()
+    assert "| PS |" in report and "| PS+DFS |" in report
+    assert ("**beats**" in report) != ("**does not beat**" in report)
