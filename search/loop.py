@@ -51,13 +51,12 @@ class Search:
         check_optimizer(recipe.optimizer)
         if recipe.demo_family is not None:
             ensure_demo_family(recipe.demo_family)
-        if isinstance(recipe.space, PsDfsSpec):
-            for stage in stage_recipes(recipe, out):  # check both stages now
-                if not isinstance(stage.space, DfsSpec):
-                    cls.prepare(stage, out / "ps", storage=storage, title=title)
-            return StagedSearch(recipe, out, storage, title)  # type: ignore[return-value]
-        if isinstance(recipe.space, DfsSpec) and recipe.executor == "ray":
+        if isinstance(recipe.space, DfsSpec | PsDfsSpec) and recipe.executor == "ray":
             raise SearchError("executor: data-flow searches run with the serial executor for now")
+        if isinstance(recipe.space, PsDfsSpec):
+            ps_stage, _ = stage_recipes(recipe, out)  # the DFS stage needs stage 1's model
+            cls.prepare(ps_stage, out / "ps", storage=storage, title=title)
+            return StagedSearch(recipe, out, storage, title)  # type: ignore[return-value]
         space = make_space(recipe)
         objectives = [entry.task for entry in recipe.fitness.tasks]
         storage = storage or recipe.storage or f"sqlite:///{(out / 'study.db').resolve()}"
