@@ -11,11 +11,10 @@ layer i, so M*M genes; `per_slot` gives each slot one scale; `none` keeps every 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.stacking import Hop, passthrough_recipe, write_checkpoint
+from evomerge.merge.stacking import Hop, passthrough_recipe
 from evomerge.search.config import DfsSpec
 from evomerge.search.errors import SearchError
 from evomerge.search.records import Gene
@@ -140,12 +139,3 @@ class DataFlowSpace(GeneSpace):
         picks = [round(k * (self.n_slots - 1) / max(inner - 1, 1)) for k in range(inner)]
         hops = [Hop(a, 0), *(Hop(*self.slots[t]) for t in picks), Hop(a, self._count(a) - 1)]
         return hops[:length] if length < 2 else hops
-
-    def write_model(self, genome: Sequence[float], out: Path, **options: Any) -> None:
-        write_checkpoint(
-            self.refs,
-            self.candidate(genome),
-            out,
-            base=self.names[0],
-            overwrite=True,
-        )

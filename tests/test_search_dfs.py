@@ -207,7 +207,7 @@ def test_ps_then_dfs_runs_both_stages_and_compares_them(demo_family, tmp_path):
     recipe = load_search_recipe(recipe_file)
     summary = Search.prepare(recipe, out).run(echo=lambda _: None, progress=False)
     assert (out / "ps" / "model" / "config.json").is_file()
-    assert (out / "dfs" / "model" / "evomerge_path.json").is_file()
+    assert (out / "dfs" / "model" / "evomerge_recipe.yaml").is_file()  # reproducible
     names = [r.name for r in summary.references]
     assert names[:2] == ["ps/model", "expert_a"]  # stage 2: the PS merge and the partner
     report = (out / "report.md").read_text()
