@@ -379,3 +379,26 @@ def test_errors(tiny_family, tmp_path, offline):
 
     message = error_of("nobody/published-merge@v2", verify=True)
     assert message.startswith("nobody/published-merge@v2: ") and "HF_HUB_OFFLINE" in message
+
+
+def test_cli_exit_codes(tiny_family, tmp_path):
+    """`evomerge reproduce --verify` exits 0 on a match and 1 on a mismatch; `evomerge publish
+    --dry-run` lists the upload and exits 0."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    published = publish(recipe("linear", tiny_family()), tmp_path / "pub")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["reproduce", str(published), "--verify", "--device", "cpu"])
+    assert ok.exit_code == 0 and "verify PASSED" in ok.output
+    tampered = shutil.copytree(published, tmp_path / "tampered")
+    tensors = load_file(tampered / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, tampered / "model.safetensors", metadata={"format": "pt"})
+    bad = runner.invoke(app, ["reproduce", str(tampered), "--verify", "--device", "cpu"])
+    assert bad.exit_code == 1 and "model.norm.weight" in bad.output
+    dry = runner.invoke(
+        app, ["publish", str(published), "--repo", "someone/x", "--dry-run", "--license", "mit"]
+    )
+    assert dry.exit_code == 0 and "model.safetensors" in dry.output and "license: mit" in dry.output
