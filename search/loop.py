@@ -355,7 +355,7 @@ class StagedSearch:
     title: str
 
     def run(
-        self, *, resume: bool = False, echo: Echo = print, progress: bool = True, **_: Any
+        self, *, resume: bool = False, echo: Echo = print, progress: bool = True
     ) -> SearchSummary:
         ps_recipe, dfs_recipe = stage_recipes(self.recipe, self.out)
         echo("stage 1 of 2: parameter space")

@@ -46,10 +46,6 @@ class Outcome:
     def failed(self) -> bool:
         return self.fitness is None
 
-    @property
-    def vector(self) -> list[float]:
-        return list(self.scores.values())
-
 
 @dataclass
 class TrialRecord:

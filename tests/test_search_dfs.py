@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import yaml
+from test_search_loop import write_recipe
 
 from evomerge.merge.recipe import parse_recipe
 from evomerge.merge.stacking import Hop
@@ -121,35 +121,29 @@ def test_dfs_search_beats_the_plain_frankenmerge_and_exports_what_it_scored(
     from evomerge.search.config import load_search_recipe
     from evomerge.search.loop import Search
 
-    recipe_file = tmp_path / "dfs.yaml"
-    recipe_file.write_text(
-        yaml.safe_dump(
-            {
-                "merge": {
-                    "base_model": str(demo_family / "expert_a"),
-                    "models": [
-                        {"model": str(demo_family / "expert_a")},
-                        {"model": str(demo_family / "expert_b")},
-                    ],
-                    "dtype": "float32",
-                },
-                "space": {"type": "dfs", "repeats": 2},
-                "fitness": {
-                    "tasks": [
-                        {
-                            "task": "demo_combined",
-                            "metric": "exact_match",
-                            "rows": "0:100",
-                            "heldout": "demo_combined_heldout",
-                        }
-                    ],
-                    "batch_size": 100,
-                },
-                "budget": {"evaluations": 32},
-                "optimizer": {"name": "CMA", "population": 8},
-                "device": "cpu",
-            }
-        )
+    expert_a, expert_b = str(demo_family / "expert_a"), str(demo_family / "expert_b")
+    recipe_file = write_recipe(
+        tmp_path / "dfs.yaml",
+        demo_family,
+        merge={
+            "base_model": expert_a,
+            "models": [{"model": expert_a}, {"model": expert_b}],
+            "dtype": "float32",
+        },
+        space={"type": "dfs", "repeats": 2},
+        fitness={
+            "tasks": [
+                {
+                    "task": "demo_combined",
+                    "metric": "exact_match",
+                    "rows": "0:100",
+                    "heldout": "demo_combined_heldout",
+                }
+            ],
+            "batch_size": 100,
+        },
+        budget={"evaluations": 32},
+        optimizer={"name": "CMA", "population": 8},
     )
     recipe = load_search_recipe(recipe_file)
     out = tmp_path / "out"
@@ -171,37 +165,15 @@ def test_ps_then_dfs_runs_both_stages_and_compares_them(demo_family, tmp_path):
     from evomerge.search.config import load_search_recipe
     from evomerge.search.loop import Search
 
-    family = {name: str(demo_family / name) for name in ("base", "expert_a", "expert_b")}
-    recipe_file = tmp_path / "ps-dfs.yaml"
-    recipe_file.write_text(
-        yaml.safe_dump(
-            {
-                "merge": {
-                    "base_model": family["base"],
-                    "models": [{"model": family["expert_a"]}, {"model": family["expert_b"]}],
-                    "dtype": "float32",
-                },
-                "space": {
-                    "type": "ps+dfs",
-                    "ps": {"parameters": {"weight": {}, "density": {"low": 0.1}}},
-                    "dfs": {"repeats": 1, "scale_form": "per_slot"},
-                },
-                "fitness": {
-                    "tasks": [
-                        {
-                            "task": "demo_combined",
-                            "metric": "exact_match",
-                            "rows": "0:50",
-                            "heldout": {"task": "demo_combined_heldout", "rows": "0:50"},
-                        }
-                    ],
-                    "batch_size": 50,
-                },
-                "budget": {"evaluations": 8},
-                "optimizer": {"name": "CMA", "population": 4},
-                "device": "cpu",
-            }
-        )
+    recipe_file = write_recipe(
+        tmp_path / "ps-dfs.yaml",
+        demo_family,
+        space={
+            "type": "ps+dfs",
+            "ps": {"parameters": {"weight": {}, "density": {"low": 0.1}}},
+            "dfs": {"repeats": 1, "scale_form": "per_slot"},
+        },
+        budget={"evaluations": 8},
     )
     out = tmp_path / "out"
     recipe = load_search_recipe(recipe_file)
