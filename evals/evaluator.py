@@ -62,6 +62,7 @@ class Evaluator:
         np.random.seed(_SEEDS[1])
         torch.manual_seed(_SEEDS[2])
         self.timer.reset()
+        paths = (self.lm.greedy_batches, self.lm.generate_batches)
         started = time.perf_counter()
         out = evaluate(
             lm=self.lm,
@@ -85,7 +86,7 @@ class Evaluator:
                 for name, task in suite.tasks.items()
                 if (record := generation_record(task, self.lm.max_gen_toks)) is not None
             },
-            settings=self._settings(suite),
+            settings={**self._settings(suite), "decoding": self._decoding(*paths)},
             seconds=seconds,
             forward_seconds=self.timer.seconds,
             samples=out.get("samples", {}),
@@ -112,6 +113,16 @@ class Evaluator:
             "dtype": str(self.lm.model.dtype).removeprefix("torch."),
             "lm_eval": _LM_EVAL_VERSION,
         }
+
+    def _decoding(self, greedy_before: int, generate_before: int) -> str | None:
+        """How this run's generations were decoded: 'fast greedy' (evals/greedy.py), or
+        'generate()' and why the fast path refused; None when nothing was generated."""
+        greedy = self.lm.greedy_batches - greedy_before
+        generate = self.lm.generate_batches - generate_before
+        if generate:
+            share = f"{generate} of {greedy + generate} batches"
+            return f"generate() for {share}: {self.lm.greedy_refusal}"
+        return "fast greedy" if greedy else None
 
     def close(self) -> None:
         self.timer.remove()

@@ -46,29 +46,51 @@ def eos_ids(model: nn.Module) -> set[int]:
     return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
 
 
-def greedy_supported(
+def cache_argument(model: nn.Module) -> str | None:
+    """The name `model.forward` takes its KV cache by: `cache` since transformers 5.24,
+    `past_key_values` before (still accepted there, with a deprecation warning)."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def greedy_refusal(
     model: nn.Module, tokenizer: Any, stop: list[str], generation_kwargs: dict[str, Any]
-) -> bool:
-    """Whether `greedy_generate` picks the tokens `model.generate` would, for this call."""
+) -> str | None:
+    """Why `greedy_generate` might not pick the tokens `model.generate` would; None when it does."""
     config = getattr(model, "generation_config", None)
     if config is None or model.config.is_encoder_decoder:
-        return False
-    if not {"position_ids", "past_key_values"} <= set(inspect.signature(model.forward).parameters):
-        return False
+        return "no generation config, or an encoder-decoder model"
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return "forward() takes no position_ids"
+    if cache_argument(model) is None:
+        return "forward() takes no cache (neither `cache` nor `past_key_values`)"
     # lm-eval's HFLM decodes greedily when do_sample is false, or unset with temperature 0.
     do_sample = generation_kwargs.get("do_sample")
     if do_sample is None:
         do_sample = generation_kwargs.get("temperature", 0.0) != 0.0
-    if do_sample or set(generation_kwargs) - {"attention_mask", "do_sample", "temperature"}:
-        return False
-    if set(config.to_diff_dict()) - _NEUTRAL_CONFIG or config.cache_implementation is not None:
-        return False
+    if do_sample:
+        return "the task samples (do_sample or a temperature)"
+    extra = set(generation_kwargs) - {"attention_mask", "do_sample", "temperature"}
+    if extra:
+        return f"generation kwargs {sorted(extra)}"
+    fields = set(config.to_diff_dict()) - _NEUTRAL_CONFIG
+    if fields or config.cache_implementation is not None:
+        return f"generation config sets {sorted(fields) or ['cache_implementation']}"
     # lm-eval adds the tokenizer's end-of-sequence text to the stop sequences; it must end
     # sequences as a token, because skip_special_tokens hides it from the text.
     if tokenizer.eos_token_id not in eos_ids(model):
-        return False
+        return "the tokenizer's eos token is not the model's"
     special = set(tokenizer.all_special_tokens) - {tokenizer.eos_token}
-    return not any(s in special for s in stop)
+    if any(s in special for s in stop):
+        return "a stop sequence is a special token"
+    return None
+
+
+def greedy_supported(
+    model: nn.Module, tokenizer: Any, stop: list[str], generation_kwargs: dict[str, Any]
+) -> bool:
+    """Whether `greedy_generate` picks the tokens `model.generate` would, for this call."""
+    return greedy_refusal(model, tokenizer, stop, generation_kwargs) is None
 
 
 class TokenPieces(dict):
@@ -105,6 +127,7 @@ def greedy_generate(
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = 1
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    extra[cache_argument(model) or "past_key_values"] = cache
     ended = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)  # by end-of-sequence
     # The end-of-sequence text (lm-eval adds it) is the eos token: `ended` covers it.
     texts = [s for s in stop if s != tokenizer.eos_token]
@@ -118,7 +141,6 @@ def greedy_generate(
             extra["attention_mask"] = mask
         logits = model(
             input_ids=step_ids,
-            past_key_values=cache,
             position_ids=position_ids,
             use_cache=True,
             return_dict=True,

@@ -13,7 +13,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from torch import nn
 
-from evomerge.evals.greedy import TokenPieces, greedy_generate, greedy_supported
+from evomerge.evals.greedy import TokenPieces, greedy_generate, greedy_refusal
 from evomerge.evals.logfilter import drop_messages
 
 # Passing a model object is the point here, not a mistake to warn about.
@@ -41,6 +41,10 @@ class ResidentLM(HFLM):
         )
         self.quiet = False  # no progress bars (searches score hundreds of candidates)
         self.fast_greedy = True  # see greedy.py; False runs every generation through generate()
+        # Which path the generations took, so a report can say when the fast one fell away.
+        self.greedy_batches = 0
+        self.generate_batches = 0
+        self.greedy_refusal: str | None = None
         self._pieces = TokenPieces(tokenizer)
         self._encoded: dict[tuple[Any, ...], list[int]] = {}
         self._batches: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -94,9 +98,13 @@ class ResidentLM(HFLM):
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
     ) -> torch.Tensor:
-        if self.fast_greedy and greedy_supported(
-            self.model, self.tokenizer, stop, generation_kwargs
-        ):
+        refusal = (
+            greedy_refusal(self.model, self.tokenizer, stop, generation_kwargs)
+            if self.fast_greedy
+            else "switched off (fast_greedy = False)"
+        )
+        if refusal is None:
+            self.greedy_batches += 1
             return greedy_generate(
                 self.model,
                 context,
@@ -107,6 +115,8 @@ class ResidentLM(HFLM):
                 pad_token_id=self.tokenizer.pad_token_id,
                 pieces=self._pieces,
             )
+        self.generate_batches += 1
+        self.greedy_refusal = refusal
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:

@@ -141,7 +141,7 @@ def write_side_files(
     if chat_template is not None:
         (out_dir / "chat_template.json").unlink(missing_ok=True)
         (out_dir / "chat_template.jinja").write_text(chat_template)
-    recipe_yaml = plan.recipe.to_yaml()
+    recipe_yaml = plan.recipe.to_yaml(mark_local=True)
     header = f"# made by evomerge with --seed {seed}\n" if plan.method.stochastic else ""
     (out_dir / RECIPE_FILE).write_text(header + recipe_yaml)
     (out_dir / "README.md").write_text(model_card(plan, recipe_yaml, seed, name))

@@ -183,8 +183,13 @@ class Recipe(_Strict):
             refs.append(source)
         return list(dict.fromkeys(refs))
 
-    def to_yaml(self) -> str:
-        return dump_yaml(self.model_dump(mode="json", exclude_none=True))
+    def to_yaml(self, *, mark_local: bool = False) -> str:
+        """The recipe as mergekit YAML; with `mark_local`, local model paths are written as
+        `./path` (see `refs.mark_local`) for files that other tools will read."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        if mark_local:
+            data = _mark_local(data, set(self.referenced_models()))
+        return dump_yaml(data)
 
     @classmethod
     def from_yaml(cls, text: str, origin: str = "recipe") -> Recipe:
@@ -265,6 +270,21 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
 
 _YamlDumper.add_representer(list, _represent_list)
 _YamlDumper.add_representer(tuple, _represent_list)
+
+
+def _mark_local(data: Any, models: set[str]) -> Any:
+    from evomerge.merge.refs import MODEL_KEYS, mark_local
+
+    if isinstance(data, list):
+        return [_mark_local(item, models) for item in data]
+    if not isinstance(data, dict):
+        return data
+    return {
+        key: mark_local(value)
+        if key in MODEL_KEYS and isinstance(value, str) and value in models
+        else _mark_local(value, models)
+        for key, value in data.items()
+    }
 
 
 def dump_yaml(data: Any) -> str:

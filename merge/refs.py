@@ -41,6 +41,18 @@ class ModelRef:
         return None if self.is_local or not _HUB_ID.match(self.path) else self.path
 
 
+def mark_local(text: str) -> str:
+    """A local model path written so that no tool takes it for a Hub id: a relative path that
+    exists here, such as `demo-family/base`, becomes `./demo-family/base` (mergekit, like the Hub
+    client, reads `org/name` as a repository id)."""
+    if text.startswith(("/", "./", "../", "~")) or not Path(text).exists():
+        return text
+    return f"./{text}"
+
+
+MODEL_KEYS = ("model", "base_model", "source", "tokenizer_source")  # where recipes name models
+
+
 def resolve_model_dir(text: str, *, allow_pickle: bool = False) -> Path:
     """A local directory holding the model, downloading a Hub model if needed."""
     ref = ModelRef.parse(text)

@@ -72,12 +72,10 @@ def run_search_command(
 def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> None:
     """Validate the recipe and print the space, the budget and a cost estimate, offline."""
     from evomerge.evals.catalog import TaskCatalog
-    from evomerge.search.loop import ensure_demo_family, make_space, num_layers
+    from evomerge.search.loop import make_space, num_layers
     from evomerge.search.optimizers import check_optimizer
 
     check_optimizer(recipe.optimizer)
-    if recipe.demo_family is not None:
-        ensure_demo_family(recipe.demo_family)
     if isinstance(recipe.space, PsDfsSpec):
         from evomerge.search.loop import stage_recipes
 

@@ -183,7 +183,6 @@ class SearchRecipe(_Strict):
     storage: str | None = None  # an Optuna storage URL (default: SQLite in the output dir)
     study_name: str = "evomerge"
     out: Path | None = None  # default: runs/<recipe file stem>
-    demo_family: Path | None = None  # build the demo family here first when it is missing
 
     @model_validator(mode="before")
     @classmethod

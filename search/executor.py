@@ -39,6 +39,7 @@ def outcome_of(result: EvalResult, seconds: dict[str, float]) -> Outcome:
         scores={s.task: s.value for s in result.scores},
         stderrs={s.task: s.stderr for s in result.scores},
         seconds=seconds,
+        decoding=result.settings.get("decoding"),
     )
 
 

@@ -172,6 +172,7 @@ class Journal:
             stderrs=dict(attrs.get("stderrs", {})),
             error=attrs.get("error"),
             seconds=dict(attrs.get("seconds", {})),
+            decoding=attrs.get("decoding"),
         )
         return TrialRecord(
             trial.number, int(attrs.get("generation", 0)), genome, outcome, attrs.get("recipe", "")
@@ -191,6 +192,8 @@ class Journal:
         }
         if outcome.error is not None:
             attrs["error"] = outcome.error
+        if outcome.decoding is not None:
+            attrs["decoding"] = outcome.decoding
         return attrs
 
     def values(self, outcome: Outcome) -> list[float] | None:

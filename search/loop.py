@@ -21,7 +21,7 @@ import torch
 
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
-from evomerge.merge.recipe import Recipe, dump_yaml
+from evomerge.merge.recipe import Recipe
 from evomerge.search.config import DfsSpec, PsDfsSpec, SearchRecipe
 from evomerge.search.errors import SearchError
 from evomerge.search.executor import Executor, SerialExecutor, StackedExecutor
@@ -49,8 +49,6 @@ class Search:
     ) -> Search:
         """Everything that can be checked without loading a model or a dataset."""
         check_optimizer(recipe.optimizer)
-        if recipe.demo_family is not None:
-            ensure_demo_family(recipe.demo_family)
         if isinstance(recipe.space, DfsSpec | PsDfsSpec) and recipe.executor == "ray":
             raise SearchError("executor: data-flow searches run with the serial executor for now")
         if isinstance(recipe.space, PsDfsSpec):
@@ -338,7 +336,6 @@ def stage_recipes(
             "merge": dfs_merge,
             "space": spec.dfs,
             "study_name": f"{recipe.study_name}-dfs",
-            "demo_family": None,
         }
     )
     return ps, dfs
@@ -501,7 +498,7 @@ def _best_recipe_text(recipe: Recipe, trial: TrialRecord, search: Search) -> str
         f"# Rebuild: evomerge merge best_recipe.yaml OUT --seed {search.recipe.seed}"
         " (or mergekit-yaml)\n"
     )
-    return header + dump_yaml(recipe.model_dump(mode="json", exclude_none=True))
+    return header + recipe.to_yaml(mark_local=True)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -518,25 +515,3 @@ def _set_threads(recipe: SearchRecipe) -> None:
         torch.set_num_threads(recipe.threads)
     elif resolve_device(recipe.device).type == "cpu":
         torch.set_num_threads(1)  # small models on a shared CPU: more threads were slower
-
-
-def ensure_demo_family(folder: Path) -> None:
-    """Copy the demo family from the cache (building it there first, once) into `folder`."""
-    import shutil
-
-    from evomerge.demo_family import default_cache_dir, ensure_demo_family
-
-    if (folder / "skills.json").is_file():
-        return
-    if folder.exists():
-        raise SearchError(
-            f"demo_family: {folder} exists but holds no complete demo family; remove it"
-        )
-    cache = default_cache_dir()
-    print(f"demo family: building or reusing it in {cache} (about a minute the first time)")
-    source = ensure_demo_family(cache)
-    tmp = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    tmp.rename(folder)
-

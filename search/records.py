@@ -41,6 +41,7 @@ class Outcome:
     stderrs: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # materialize, evaluate, optimizer
+    decoding: str | None = None  # how generations ran: 'fast greedy', or generate() and why
 
     @property
     def failed(self) -> bool:

@@ -115,6 +115,23 @@ def heldout_verdict(refs: Sequence[ModelScores]) -> tuple[bool | None, list[str]
     return not shortfalls, shortfalls
 
 
+def decoding_lines(done: Sequence[TrialRecord]) -> list[str]:
+    """How the candidates' generations were decoded; the slow path is named with its reason."""
+    paths: dict[str, int] = {}
+    for t in done:
+        if t.outcome.decoding is not None:
+            paths[t.outcome.decoding] = paths.get(t.outcome.decoding, 0) + 1
+    if not paths:
+        return []
+    fast = paths.pop("fast greedy", 0)
+    if not paths:
+        return [f"Decoding: the fast greedy path (evals/greedy.py) for all {fast} candidates.", ""]
+    lines = [f"Decoding: **without the fast greedy path** for {sum(paths.values())} of "
+             f"{fast + sum(paths.values())} candidates (lm-eval's generate(), several times "
+             "slower):", ""]
+    return lines + [f"- {count} candidates: {path}" for path, count in paths.items()] + [""]
+
+
 def time_split(trials: Iterable[TrialRecord]) -> list[tuple[str, float, float]]:
     """(stage, mean seconds over completed trials that timed it, share of the summed means)."""
     done = completed(trials)
@@ -187,6 +204,7 @@ def _trials_section(summary: SearchSummary) -> list[str]:
     lines = ["## Trials", "", f"{len(done)} completed, {len(bad)} failed.", ""]
     if not done:
         lines += ["No trial completed.", ""]
+    lines += decoding_lines(done)
     split = time_split(summary.trials)
     if split:
         lines += ["Time per candidate (mean over completed trials):", ""]

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny untrained families and the trained demo family."""
+"""Shared fixtures: tiny untrained families and the shipped, trained demo family."""
 
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ def tiny_family(tmp_path_factory) -> Callable[..., TinyFamily]:
     return make
 
 
-@pytest.fixture(scope="session")
-def demo_family(tmp_path_factory) -> Path:
-    """The trained demo family, built once per session (a few minutes) or reused from
-    $EVOMERGE_CACHE when that is set."""
-    from evomerge.demo_family import ensure_demo_family
+REPO = Path(__file__).resolve().parents[1]
 
-    cache = os.environ.get("EVOMERGE_CACHE")
-    return ensure_demo_family(Path(cache) if cache else tmp_path_factory.mktemp("evomerge_cache"))
+
+@pytest.fixture(scope="session")
+def demo_family() -> Path:
+    """The trained demo family as shipped in demo/family (tests read it, never write it)."""
+    return REPO / "demo" / "family"
 
 
 @pytest.fixture(scope="session")

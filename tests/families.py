@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from evomerge.demo_family import make_char_tokenizer
+from demo.build_family import make_char_tokenizer
 
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz +-=*?.,:")
 # Distinct per expert, so the union of the vocabularies grows with every expert.

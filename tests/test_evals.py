@@ -21,6 +21,7 @@ from evomerge import cli
 from evomerge.evals.catalog import TaskCatalog
 from evomerge.evals.errors import EvalError
 from evomerge.evals.evaluator import Evaluator
+from evomerge.evals.greedy import greedy_refusal
 from evomerge.evals.lm import ResidentLM
 from evomerge.evals.models import load_candidate
 from evomerge.evals.spec import parse_fitness_spec
@@ -217,6 +218,22 @@ def test_greedy_fast_path_matches_generate(family, stops):
         lm.fast_greedy = False
         assert fast == lm.generate_until(requests)
         assert any(fast) and len(set(fast)) > 3  # the outputs are not all alike or empty
+
+
+def test_the_fast_path_engages_on_current_transformers_and_says_when_it_does_not(family):
+    """transformers 5.24 renamed forward()'s `past_key_values` to `cache`; the fast path must
+    follow the name, and a fall-back to generate() is counted with its reason, not silent."""
+    candidate = load_candidate(family.base, device="cpu")
+    lm = ResidentLM(candidate.model, candidate.tokenizer, batch_size=8)
+    lm.quiet = True
+    requests = generation_requests(["."], 16, seed=4)
+    assert greedy_refusal(candidate.model, candidate.tokenizer, ["."], {"do_sample": False}) is None
+    lm.generate_until(requests)
+    assert lm.greedy_batches > 0 and lm.generate_batches == 0
+    candidate.model.generation_config.repetition_penalty = 1.3  # changes greedy decoding
+    lm.generate_until(requests)
+    assert lm.generate_batches > 0
+    assert lm.greedy_refusal == "generation config sets ['repetition_penalty']"
 
 
 def test_greedy_fast_path_pads_after_end_of_sequence(family):

@@ -11,7 +11,9 @@ from families import EXTRA_PER_EXPERT, build_tiny_family, reshard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge import demo_family as demo
+from demo import build_family as demo
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "evals" / "tasks" / "demo" / "data"
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -189,7 +191,7 @@ def test_demo_family_layout(demo_family):
     for task in (*demo.TASKS, "mixed"):
         rows = {}
         for split in ("fitness", "heldout"):
-            lines = (demo_family / "data" / f"{task}_{split}.jsonl").read_text().splitlines()
+            lines = (DEMO_DATA / f"{task}_{split}.jsonl").read_text().splitlines()
             rows[split] = [json.loads(line) for line in lines]
             assert len(rows[split]) >= 200
             assert all(r["answer"].isdigit() and r["prompt"] for r in rows[split])
@@ -211,7 +213,7 @@ def test_demo_experts_have_distinct_skills(demo_family):
 def test_demo_models_reproduce_their_recorded_accuracy(demo_family):
     """The saved checkpoints, loaded through the Auto classes, score what skills.json says."""
     skills = json.loads((demo_family / "skills.json").read_text())
-    lines = (demo_family / "data" / "skill_a_heldout.jsonl").read_text().splitlines()
+    lines = (DEMO_DATA / "skill_a_heldout.jsonl").read_text().splitlines()
     items = [demo.Item(**json.loads(line)) for line in lines]
     folder = demo_family / "expert_a"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -221,12 +223,29 @@ def test_demo_models_reproduce_their_recorded_accuracy(demo_family):
     )
 
 
-@pytest.mark.slow
-def test_ensure_demo_family_reuses_the_cache(demo_family):
-    stamp = (demo_family / "skills.json").stat().st_mtime_ns
-    assert demo.ensure_demo_family(demo_family.parent) == demo_family
-    assert (demo_family / "skills.json").stat().st_mtime_ns == stamp
-    leftovers = [
-        p for p in demo_family.parent.iterdir() if p.name.startswith(f".{demo_family.name}")
+def test_shipped_family_matches_its_manifest_and_loads(demo_family):
+    assert demo.manifest_differences(demo_family) == []
+    manifest = json.loads((demo_family / demo.MANIFEST).read_text())
+    assert set(manifest["built_with"]) >= {"torch", "transformers", "tokenizers", "cpu_capability"}
+    for name in demo.MODELS:
+        model = AutoModelForCausalLM.from_pretrained(demo_family / name)
+        assert model.num_parameters() < 700_000
+        assert (demo_family / name / "model.safetensors").stat().st_size < 3_000_000
+
+
+def test_manifest_check_names_a_changed_missing_or_extra_file(demo_family, tmp_path):
+    import shutil
+
+    copy = tmp_path / "family"
+    shutil.copytree(demo_family, copy)
+    weights_file = copy / "expert_b" / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-1] ^= 1
+    weights_file.write_bytes(bytes(data))
+    (copy / "base" / "tokenizer.json").unlink()
+    (copy / "notes.txt").write_text("x")
+    assert demo.manifest_differences(copy) == [
+        "base/tokenizer.json: missing",
+        "notes.txt: not in the manifest",
+        "expert_b/model.safetensors: sha256 differs",
     ]
-    assert not leftovers

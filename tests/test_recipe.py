@@ -171,3 +171,33 @@ tokenizer_source: union
 """
     )
     MergeConfiguration.model_validate(yaml.safe_load(recipe.to_yaml()))
+
+
+def test_written_recipes_mark_relative_local_models(tmp_path, monkeypatch):
+    """`org/name` that is a folder here is written `./org/name`, so that mergekit or the Hub
+    client never takes it for a repository id; Hub ids, absolute and ./ paths stay as they are."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "family" / "base").mkdir(parents=True)
+    (tmp_path / "family" / "expert").mkdir()
+    recipe = parse_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "family/base",
+            "models": [
+                {"model": "family/expert", "parameters": {"weight": 1.0}},
+                {"model": "org/hub-model", "parameters": {"weight": 1.0}},
+                {"model": str(tmp_path / "family" / "expert"), "parameters": {"weight": 0.5}},
+            ],
+            "tokenizer_source": "family/base",
+        }
+    )
+    marked = yaml.safe_load(recipe.to_yaml(mark_local=True))
+    assert marked["base_model"] == "./family/base"
+    assert [m["model"] for m in marked["models"]] == [
+        "./family/expert",
+        "org/hub-model",
+        str(tmp_path / "family" / "expert"),
+    ]
+    assert marked["tokenizer_source"] == "./family/base"
+    assert yaml.safe_load(recipe.to_yaml())["base_model"] == "family/base"  # the hash's form
+    assert parse_recipe(marked).referenced_models()[0] == "./family/base"

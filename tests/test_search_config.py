@@ -45,8 +45,8 @@ def test_demo_recipe_parses():
     recipe = load_search_recipe(DEMO)
     assert recipe.merge.merge_method == "dare_ties"
     assert [m.model for m in recipe.merge.models] == [
-        "demo-family/expert_a",
-        "demo-family/expert_b",
+        "./demo/family/expert_a",
+        "./demo/family/expert_b",
     ]
     assert set(recipe.space.parameters) == {"weight", "density"}
     assert recipe.space.parameters["density"].start == 0.5

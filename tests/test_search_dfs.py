@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_search_loop import write_recipe
+from test_search_loop import mergekit_offline, write_recipe
 
 from evomerge.merge.recipe import parse_recipe
 from evomerge.merge.stacking import Hop
@@ -158,6 +158,8 @@ def test_dfs_search_beats_the_plain_frankenmerge_and_exports_what_it_scored(
     result = Evaluator(candidate.model, candidate.tokenizer, suites).score("heldout")
     assert result.scores[0].value == best[0]
     assert (out / "best_recipe.yaml").is_file() and (out / "report.md").is_file()
+    done = mergekit_offline(out / "best_recipe.yaml", tmp_path / "mergekit", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -85,22 +86,74 @@ def run(recipe_path: Path, out: Path, **kwargs):
     return search.run(echo=lambda _: None, progress=False, **kwargs)
 
 
+def readme_demo_tables() -> tuple[dict[str, tuple[float, float]], dict[int, tuple[str, str]]]:
+    """The README's demo tables: held-out (value, stderr) per source model, and per seed the
+    uniform and evolved merge's cells as printed ('0.890 ± 0.013')."""
+    text = (REPO / "README.md").read_text()
+    demo_table = text.split("| model | held-out, addition and Roman numerals ± stderr |")[1]
+    demo_table = demo_table.split("\n\n")[0]
+    cell = r"(\d\.\d{3}) ± (\d\.\d{3})"
+    row = rf"^\| (base|expert_a|expert_b)\b[^|]* \| {cell} \|$"
+    sources = {
+        name: (float(v), float(s)) for name, v, s in re.findall(row, demo_table, re.M)
+    }
+    seeds = {
+        int(seed): (uniform, evolved)
+        for seed, uniform, evolved in re.findall(
+            r"^\| (\d+) \| (\d\.\d{3} ± \d\.\d{3}) \| (\d\.\d{3} ± \d\.\d{3}) \|", text, re.M
+        )
+    }
+    return sources, seeds
+
+
+README_SOURCES, README_SEEDS = readme_demo_tables()
+
+
+def printed(value: tuple[float, float | None]) -> str:
+    return f"{value[0]:.3f} ± {value[1] or 0:.3f}"
+
+
+def test_the_readme_has_its_demo_tables():
+    assert set(README_SOURCES) == {"base", "expert_a", "expert_b"}
+    assert len(README_SEEDS) >= 3
+
+
+def mergekit_offline(recipe: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`mergekit-yaml RECIPE OUT` with no network: the recipe must name only local models."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    tool = Path(sys.executable).with_name("mergekit-yaml")
+    return subprocess.run(
+        [str(tool), str(recipe), str(out)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
 @pytest.mark.slow
-def test_demo_search_beats_sources_and_uniform_merge(demo_family, tmp_path, monkeypatch):
-    """recipes/demo.yaml as the README runs it: the evolved merge wins on held-out data."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("EVOMERGE_CACHE", str(demo_family.parent))
+@pytest.mark.parametrize("seed", sorted(README_SEEDS))
+def test_demo_search_beats_sources_and_uniform_merge(seed, tmp_path, monkeypatch):
+    """recipes/demo.yaml as the README runs it (from the repository root, on the shipped family):
+    at every seed the README reports, the evolved merge wins on held-out data."""
+    monkeypatch.chdir(REPO)
     recipe = load_search_recipe(REPO / "recipes" / "demo.yaml")
+    recipe = recipe.model_copy(update={"seed": seed})
     summary = Search.prepare(recipe, tmp_path / "runs" / "demo").run(
         echo=lambda _: None, progress=False
     )
     out = tmp_path / "runs" / "demo"
     scores = {r.name: r for r in summary.references}
-    best = scores["best merge"].heldout["demo_combined_heldout"]
+    best = scores["best merge"].heldout["demo_mixed_heldout"]
     for name in ("expert_a", "expert_b", "base", "uniform merge"):
-        other = scores[name].heldout["demo_combined_heldout"]
+        other = scores[name].heldout["demo_mixed_heldout"]
         margin = math.hypot(best[1], other[1])
         assert best[0] - other[0] > margin, (name, best, other)
+    # The README's tables are what this run measured.
+    for name, (value, stderr) in README_SOURCES.items():
+        assert printed(scores[name].heldout["demo_mixed_heldout"]) == f"{value:.3f} ± {stderr:.3f}"
+    uniform = scores["uniform merge"].heldout["demo_mixed_heldout"]
+    assert (printed(uniform), printed(best)) == README_SEEDS[seed]
     # The written model is the evaluated one, and both merge tools accept the recipe.
     from mergekit.config import MergeConfiguration
 
@@ -117,6 +170,14 @@ def test_demo_search_beats_sources_and_uniform_merge(demo_family, tmp_path, monk
     report = (out / "report.md").read_text()
     assert "**beats**" in report and (out / "fitness.png").stat().st_size > 0
     assert len(trials_of(out)) == recipe.budget.evaluations
+    # Every candidate took the fast greedy path (a silent fall-back is ~3x slower).
+    assert f"fast greedy path (evals/greedy.py) for all {len(summary.trials)}" in report
+    assert all(t.outcome.decoding == "fast greedy" for t in summary.trials)
+    assert "./demo/family/expert_a" in text  # local paths marked as such
+    if seed == README_SEEDS[0]:  # mergekit-yaml rebuilds it offline (no Hub lookups)
+        done = mergekit_offline(out / "best_recipe.yaml", tmp_path / "mergekit", REPO)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / "mergekit" / "model.safetensors").is_file()
 
 
 def _search_process(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:

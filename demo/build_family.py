@@ -1,30 +1,37 @@
-"""A tiny trained model family for the demo: a base and two experts with distinct skills.
+"""The demo family: how it was trained. The weights it gave are shipped in `demo/family/`.
+
+    python demo/build_family.py OUT [--seed N]   # train a family into OUT (a few minutes)
+    python demo/build_family.py --check          # retrain, compare with demo/family/MANIFEST.json
+    python demo/build_family.py --task-data      # rewrite evals/tasks/demo/data from the generator
+    python demo/build_family.py --score FAMILY [MERGED_MODEL ...]
 
 Skills (all answers are decimal numbers, so an evaluator can take the last number generated):
 
 - `skill_a`, addition of two 2-digit numbers: `47+38=` -> `85`.
 - `skill_b`, reading Roman numerals 1-1999 (the "second script"): `cccxlvii=` -> `347`.
-- `combined`, 2-digit addition written in Roman numerals, the small analogue of "Japanese math":
-  `xlvii+xxxviii=` -> `47+38=85`. The models are taught to transliterate the operands first and
-  then add, so the answer needs skill B and then skill A; `answer` is the final number.
+- `combined`, 2-digit addition written in Roman numerals: `xlvii+xxxviii=` -> `47+38=85`.
 
 Recipe: a 0.66M-parameter Llama with a character-level tokenizer. The base is pre-trained on a
 mixture of all three formats and stopped while it only half-knows them; `expert_a` and `expert_b`
 continue from it on their own skill only, gently (small learning rate, a few hundred steps, loss
 on the completion only). Evaluation items (fitness and held-out splits) never appear in training.
 
-Determinism: data, initialisation and batch order are seeded, and the build pins torch to
-`BUILD_THREADS` CPU threads because CPU kernels may split float reductions by thread count. The
-same seed then gives byte-identical checkpoints (checked by building twice on the same machine);
-another CPU type or torch build may differ in the last bits, and training amplifies that, so
-accuracies there can differ by a few points.
+Why the weights are shipped rather than trained on first use: training is seeded and bit-
+reproducible on one machine (the same bytes under transformers 5.23 and 5.24, and with 1 or 2
+threads), but CPU kernels round differently with the vector width they run at: forcing torch to
+AVX2 or to no vector code (`ATEN_CPU_CAPABILITY=avx2|default`) on an AVX-512 machine changes the
+logits of the first forward pass in the last bits and the weights after 20 training steps, and a
+full build amplifies that into a family whose experts score several points apart. The demo's
+numbers therefore rest on these files, not on the machine that runs it; `--check` says whether a
+rebuild here gives the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
+import platform
 import random
 import re
 import shutil
@@ -40,13 +47,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-VERSION = 1  # bump whenever the recipe, data or format changes: it names the cache folder
+from evomerge.evals.greedy import cache_argument
+
+VERSION = 1  # bump whenever the recipe, data or format changes
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 DEMO_CHARS = tuple("0123456789cdilmvx+=")
 TASKS = ("skill_a", "skill_b", "combined")
 MODELS = ("base", "expert_a", "expert_b")
-BUILD_THREADS = 2
+BUILD_THREADS = 1  # a fixed count: kernels may split float reductions by thread count
+SHIPPED = Path(__file__).resolve().parent / "family"
+MANIFEST = "MANIFEST.json"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -274,7 +286,10 @@ def _greedy(
         finished |= token == EOS_ID
         if finished.all():
             break
-        out = model(input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True)
+        # renamed `cache` in 5.24, where reading past_key_values warns (so no .get default)
+        past = out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401
+        cache = {cache_argument(model) or "past_key_values": past}
+        out = model(input_ids=token[:, None], use_cache=True, **cache)
     rows = torch.stack(generated, 1).tolist()
     return [tokenizer.decode(row[: row.index(EOS_ID)] if EOS_ID in row else row) for row in rows]
 
@@ -366,21 +381,15 @@ def train_family(
     return trained
 
 
-def write_task_data(folder: Path, splits: dict[str, dict[str, list[Item]]]) -> None:
-    """`{task}_{split}.jsonl` per task, plus `mixed_{split}`: skill_a and skill_b interleaved."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for task, by_split in splits.items():
-        for split, items in by_split.items():
-            _write_jsonl(folder / f"{task}_{split}.jsonl", items)
-    for split in ("fitness", "heldout"):
-        pairs = zip(splits["skill_a"][split], splits["skill_b"][split], strict=True)
-        _write_jsonl(folder / f"mixed_{split}.jsonl", [item for pair in pairs for item in pair])
-
-
 def build_demo_family(out_dir: Path, seed: int = 0, recipe: Recipe | None = None) -> Path:
-    """Train and write `out_dir/{base,expert_a,expert_b}`, `out_dir/data` and `skills.json`."""
+    """Train and write `out_dir/{base,expert_a,expert_b}`, `skills.json` and the manifest.
+
+    The family is written into a hidden sibling and renamed into place when complete, so a
+    crashed build leaves nothing half-written."""
     recipe = recipe or Recipe()
     out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise SystemExit(f"error: {out_dir} exists; choose a new folder")
     tokenizer = make_char_tokenizer(DEMO_CHARS)
     splits = make_eval_splits(seed, recipe.eval_items)
     banned = {item.prompt for by_split in splits.values() for s in by_split.values() for item in s}
@@ -388,50 +397,97 @@ def build_demo_family(out_dir: Path, seed: int = 0, recipe: Recipe | None = None
         trained = train_family(tokenizer, banned, seed, recipe)
         heldout = {task: splits[task]["heldout"] for task in TASKS}
         table = skill_table(trained, tokenizer, heldout)
-    for name, model in trained.items():
-        model.save_pretrained(out_dir / name)
-        tokenizer.save_pretrained(out_dir / name)
-    write_task_data(out_dir / "data", splits)
-    skills = {
-        "version": VERSION,
-        "seed": seed,
-        "split": "heldout",
-        "items_per_task": recipe.eval_items,
-        "metric": "greedy generation; the last number generated equals the answer",
-        "accuracy": table,
-    }
-    (out_dir / "skills.json").write_text(json.dumps(skills, indent=2) + "\n")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, model in trained.items():
+            model.save_pretrained(tmp / name)
+            tokenizer.save_pretrained(tmp / name)
+        skills = {
+            "version": VERSION,
+            "seed": seed,
+            "split": "heldout",
+            "items_per_task": recipe.eval_items,
+            "metric": "greedy generation; the last number generated equals the answer",
+            "accuracy": table,
+        }
+        (tmp / "skills.json").write_text(json.dumps(skills, indent=2) + "\n")
+        write_manifest(tmp, seed)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("EVOMERGE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "evomerge"
+def write_task_data(folder: Path, seed: int = 0) -> list[Path]:
+    """`{task}_{split}.jsonl` for every task and split (the bundled demo tasks' data), plus
+    `mixed_{split}.jsonl`: skill_a and skill_b items interleaved, one of each in turn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = make_eval_splits(seed, Recipe().eval_items)
+    files = {
+        f"{task}_{split}.jsonl": items
+        for task, by_split in splits.items()
+        for split, items in by_split.items()
+    }
+    for split in ("fitness", "heldout"):
+        pairs = zip(splits["skill_a"][split], splits["skill_b"][split], strict=True)
+        files[f"mixed_{split}.jsonl"] = [item for pair in pairs for item in pair]
+    for name, items in files.items():
+        _write_jsonl(folder / name, items)
+    return [folder / name for name in files]
 
 
-def ensure_demo_family(cache_dir: Path | None = None, seed: int = 0) -> Path:
-    """The demo family in the cache, built on first use.
+# --- the shipped family's manifest -----------------------------------------------------------
 
-    The build goes to a temporary sibling folder that is renamed into place when complete, so a
-    crashed build leaves no half-written family and concurrent builders do not clash.
-    """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache / f"demo_family-v{VERSION}-seed{seed}"
-    if (final / "skills.json").is_file():
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
-    try:
-        build_demo_family(tmp, seed=seed)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / "skills.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def family_files(folder: Path) -> list[str]:
+    """The files that make up a family, relative to it (the manifest itself excluded)."""
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def write_manifest(folder: Path, seed: int) -> Path:
+    """`MANIFEST.json`: the sha256 of every file and what the family was built with."""
+    import tokenizers
+    import transformers
+
+    manifest = {
+        "version": VERSION,
+        "seed": seed,
+        "built_with": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": BUILD_THREADS,
+        },
+        "sha256": {name: _sha256(folder / name) for name in family_files(folder)},
+    }
+    path = folder / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def manifest_differences(folder: Path, manifest_path: Path | None = None) -> list[str]:
+    """How `folder`'s files differ from a manifest (default: the folder's own); [] if they match."""
+    manifest = json.loads((manifest_path or folder / MANIFEST).read_text())
+    recorded: dict[str, str] = manifest["sha256"]
+    present = set(family_files(folder))
+    problems = [f"{name}: missing" for name in sorted(set(recorded) - present)]
+    problems += [f"{name}: not in the manifest" for name in sorted(present - set(recorded))]
+    problems += [
+        f"{name}: sha256 differs"
+        for name in sorted(present & set(recorded))
+        if _sha256(folder / name) != recorded[name]
+    ]
+    return problems
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
@@ -448,11 +504,9 @@ def score(family: Path, model_dirs: Sequence[Path]) -> dict[str, dict[str, float
 
     family = Path(family)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(family / "base")
-    items = {
-        task: [Item(**json.loads(line)) for line in (family / "data" / f"{task}_heldout.jsonl")
-               .read_text().splitlines()]
-        for task in TASKS
-    }  # fmt: skip
+    seed = json.loads((family / "skills.json").read_text())["seed"]
+    splits = make_eval_splits(seed, Recipe().eval_items)
+    items = {task: splits[task]["heldout"] for task in TASKS}
     folders = {name: family / name for name in MODELS}
     folders.update({Path(d).name: Path(d) for d in model_dirs})
     with _fixed_threads(BUILD_THREADS):
@@ -460,28 +514,56 @@ def score(family: Path, model_dirs: Sequence[Path]) -> dict[str, dict[str, float
         return skill_table(models_, tokenizer, items)
 
 
-USAGE = "usage: python -m evomerge.demo_family OUT_DIR [SEED] | --score FAMILY_DIR MODEL_DIR..."
+USAGE = (
+    "usage: python demo/build_family.py OUT [--seed N] | --check | --task-data"
+    " | --score FAMILY [MODEL ...]"
+)
+
+
+def check_rebuild(seed: int = 0) -> int:
+    """Retrain the family in a temporary folder and compare it with the shipped one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rebuilt = build_demo_family(Path(tmp) / "family", seed=seed)
+        problems = manifest_differences(rebuilt, SHIPPED / MANIFEST)
+        problems = [p for p in problems if not p.startswith(MANIFEST)]
+        weights = [p for p in problems if ".safetensors" in p]
+        if not weights:
+            print(f"the rebuild's weights equal the shipped family's byte for byte ({SHIPPED})")
+            for problem in problems:  # e.g. config.json records another transformers_version
+                print(f"  (metadata) {problem}")
+            return 0
+        shipped = json.loads((SHIPPED / "skills.json").read_text())["accuracy"]
+        fresh = json.loads((rebuilt / "skills.json").read_text())["accuracy"]
+        built_with = json.loads((SHIPPED / MANIFEST).read_text())["built_with"]
+        print("the rebuild differs from the shipped family:", *problems, sep="\n  ")
+        print(f"shipped (built with {built_with}):\n{format_table(shipped)}")
+        print(f"rebuilt here:\n{format_table(fresh)}")
+        print("the demo uses the shipped weights; a rebuild elsewhere is expected to differ")
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--score"]:
-        if len(args) < 2:
-            print(USAGE, file=sys.stderr)
-            return 2
+    start = time.perf_counter()
+    if args[:1] == ["--score"] and len(args) >= 2:
         print(format_table(score(Path(args[1]), [Path(a) for a in args[2:]])))
         return 0
-    if len(args) not in (1, 2):
+    if args == ["--check"]:
+        return check_rebuild()
+    if args == ["--task-data"]:
+        folder = REPO / "evals" / "tasks" / "demo" / "data"
+        for path in write_task_data(folder):
+            print(f"wrote {path}")
+        return 0
+    if len(args) == 1 and not args[0].startswith("-"):
+        seed = 0
+    elif len(args) == 3 and args[1] == "--seed" and args[2].isdigit():
+        seed = int(args[2])
+    else:
         print(USAGE, file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    out = Path(args[0])
-    if (out / "skills.json").is_file():
-        print(f"{out} already holds a demo family; reusing it")
-    else:
-        build_demo_family(out, seed=int(args[1]) if len(args) == 2 else 0)
-    skills = json.loads((out / "skills.json").read_text())
-    print(format_table(skills["accuracy"]))
+    out = build_demo_family(Path(args[0]), seed=seed)
+    print(format_table(json.loads((out / "skills.json").read_text())["accuracy"]))
     print(f"ready: {out} ({time.perf_counter() - start:.0f} s)")
     return 0
 

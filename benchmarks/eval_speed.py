@@ -1,8 +1,9 @@
-"""What scoring one candidate costs: `python -m evomerge.evals.bench [--candidates 8]`.
+"""What scoring one candidate costs: `python benchmarks/eval_speed.py [--candidates 8]`.
 
-Builds (or reuses) the demo family, merges its experts in memory with TIES, and scores a series of
-candidates (new TIES weights each) on the demo fitness spec, the way a search does. Reports the
-seconds per candidate evaluation and the share of it spent outside the model's forward passes.
+Takes the shipped demo family (demo/family), merges its experts in memory with TIES, and scores a
+series of candidates (new TIES weights each) on the demo fitness spec, the way a search does.
+Reports the seconds per candidate evaluation and the share of it spent outside the model's
+forward passes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _recipe(family: Path, weights: tuple[float, float]):
@@ -35,7 +38,7 @@ def _recipe(family: Path, weights: tuple[float, float]):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", type=Path, help="demo family folder (default: build/cache)")
+    parser.add_argument("--family", type=Path, help="demo family folder (default: demo/family)")
     parser.add_argument("--spec", type=Path, help="fitness spec (default: the demo spec)")
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -45,15 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from evomerge.demo_family import ensure_demo_family
-    from evomerge.evals.demo_data import DEMO_SPEC
     from evomerge.evals.evaluator import Evaluator
     from evomerge.evals.spec import FitnessSpec, load_fitness_spec
     from evomerge.evals.suite import prepare_suites
     from evomerge.merge.resident import ResidentMerger
 
-    family = args.family or ensure_demo_family()
-    spec = load_fitness_spec(args.spec or DEMO_SPEC)
+    family = args.family or REPO / "demo" / "family"
+    spec = load_fitness_spec(args.spec or REPO / "evals" / "specs" / "demo.yaml")
     if args.batch_size:
         spec = FitnessSpec.model_validate({**dict(spec), "batch_size": args.batch_size})
 
