@@ -25,6 +25,7 @@ from lm_eval.tasks.manager import TaskDict
 
 from evomerge.evals.errors import EvalError
 from evomerge.evals.logfilter import drop_messages
+from evomerge.merge.errors import first_line
 
 BUNDLED_TASKS = Path(__file__).resolve().parent / "tasks"
 # `datasets` builders that read local files rather than a Hub repository.
@@ -137,12 +138,7 @@ def _broken_yaml(folders: Sequence[Path]):
                 problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
                 yield path, f"malformed task YAML{where}: {problem}"
             except Exception as exc:
-                yield path, f"unreadable task YAML: {_one_line(exc)}"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+                yield path, f"unreadable task YAML: {first_line(exc, with_type=True)}"
 
 
 def _offline() -> bool:
@@ -211,7 +207,7 @@ def _build_error(name: str, entry: Entry, exc: Exception) -> EvalError:
         return EvalError(f"{where}: data file not found: {shown}; fix dataset_kwargs.data_files")
     if files and all(not f.read_text(errors="replace").strip() for f in files):
         return EvalError(f"{where}: the dataset is empty ({files[0]}); add documents to it")
-    return EvalError(f"{where}: cannot build the task: {_one_line(exc)}")
+    return EvalError(f"{where}: cannot build the task: {first_line(exc, with_type=True)}")
 
 
 def _check_not_empty(name: str, task: Task, entry: Entry) -> None:

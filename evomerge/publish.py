@@ -25,16 +25,14 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from evomerge.merge.errors import MergeError
-from evomerge.merge.materialize import RECIPE_FILE, TOKENIZER_FILES
+from evomerge.merge.errors import MergeError, first_line
+from evomerge.merge.materialize import MERGEKIT_FILE, RECIPE_FILE, TOKENIZER_FILES
 from evomerge.merge.recipe import Recipe, read_text
 from evomerge.merge.refs import ModelRef
+from evomerge.merge.weights import INDEX_FILE, SINGLE_FILE, WeightIndex
 
 Echo = Callable[[str], None]
-MERGEKIT_FILE = "mergekit_config.yml"
 CARD_FILE = "README.md"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_SIDE_FILE = 5 * 1000**2  # bytes; larger files must be weights or tokenizer files
 LARGE_UPLOAD = 5 * 1000**3  # bytes; above this, upload_large_folder when the client has it
@@ -188,71 +186,21 @@ def check_no_large_files(
 
 
 def checked_weights(model_dir: Path, files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor name -> (safetensors file, shape), after checking the index against the files."""
+    """Tensor name -> (safetensors file, shape), after checking the index against the files
+    (`WeightIndex`) and that no weight file lies outside what the Hub expects."""
     on_disk = [p.relative_to(model_dir).as_posix() for p in files if p.suffix == ".safetensors"]
-    index_file = model_dir / INDEX_FILE
-    if not index_file.is_file():
-        if on_disk != [SINGLE_FILE]:
-            found = ", ".join(on_disk) if on_disk else "no .safetensors file"
-            raise MergeError(
-                f"{model_dir}: found {found}; expected {SINGLE_FILE}, or shards with {INDEX_FILE}"
-            )
-        return {name: (SINGLE_FILE, shape) for name, shape in read_shapes(model_dir / SINGLE_FILE)}
-    weight_map = read_weight_map(index_file)
-    for shard in sorted(set(weight_map.values())):
-        if not (model_dir / shard).is_file():
-            raise MergeError(
-                f"{index_file}: names shard {shard}, which is not in {model_dir}; "
-                "restore it or rebuild the merge"
-            )
-    for shard in on_disk:
-        if shard not in weight_map.values():
-            raise MergeError(
-                f"{model_dir / shard}: a safetensors file {INDEX_FILE} does not "
-                "name; delete it or add its tensors to the index"
-            )
-    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for shard in sorted(set(weight_map.values())):
-        for name, shape in read_shapes(model_dir / shard):
-            if weight_map.get(name) != shard:
-                where = f"names {weight_map[name]} for it" if name in weight_map else "lacks it"
-                raise MergeError(
-                    f"{model_dir / shard}: holds tensor {name} but {INDEX_FILE} "
-                    f"{where}; fix the index or rebuild the merge"
-                )
-            shapes[name] = (shard, shape)
-    for name, shard in weight_map.items():
-        if name not in shapes:
-            raise MergeError(
-                f"{index_file}: tensor {name} is mapped to {shard}, which does not "
-                "hold it; fix the index or rebuild the merge"
-            )
-    return shapes
-
-
-def read_weight_map(index_file: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(read_text(index_file, "the shard index"))["weight_map"]
-    except (ValueError, KeyError, TypeError):
-        weight_map = None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if not (model_dir / INDEX_FILE).is_file() and on_disk != [SINGLE_FILE]:
+        found = ", ".join(on_disk) if on_disk else "no .safetensors file"
         raise MergeError(
-            f"{index_file}: not a shard index (JSON with a weight_map of tensor "
-            "name -> file); rebuild the merge"
+            f"{model_dir}: found {found}; expected {SINGLE_FILE}, or shards with {INDEX_FILE}"
         )
-    return weight_map
-
-
-def read_shapes(file: Path) -> list[tuple[str, tuple[int, ...]]]:
-    """(tensor name, shape) for every tensor in a safetensors file's header."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            names = handle.keys()  # a safe_open handle is not iterable
-            return [(name, tuple(handle.get_slice(name).get_shape())) for name in names]
-    except (OSError, SafetensorError) as exc:
-        raise MergeError(f"{file}: not a readable safetensors file ({_line(exc)})") from None
+    weights = WeightIndex.read(model_dir)
+    for file in weights.unindexed:
+        raise MergeError(
+            f"{file}: a safetensors file {INDEX_FILE} does not "
+            "name; delete it or add its tensors to the index"
+        )
+    return weights.shapes()
 
 
 def check_against_config(model_dir: Path, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -291,14 +239,15 @@ def expected_tensors(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[s
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as exc:  # transformers raises many kinds for a bad config
-        raise MergeError(f"{config_file}: transformers cannot load it ({_line(exc)})") from None
+        problem = first_line(exc)
+        raise MergeError(f"{config_file}: transformers cannot load it ({problem})") from None
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:
         raise MergeError(
             f"{config_file}: transformers cannot build a causal language model "
-            f"from it ({_line(exc)})"
+            f"from it ({first_line(exc)})"
         ) from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     every = dict(model.named_parameters(remove_duplicate=False))
@@ -397,7 +346,7 @@ def _card_metadata(readme: Path) -> dict[str, Any]:
     try:
         return ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
     except Exception as exc:  # a hand-edited card with broken front matter
-        raise MergeError(f"{readme}: cannot read its front matter ({_line(exc)})") from None
+        raise MergeError(f"{readme}: cannot read its front matter ({first_line(exc)})") from None
 
 
 def card_data(
@@ -556,7 +505,7 @@ def upload(plan: PublishPlan, private: bool, echo: Echo) -> str:
             )
     except Exception as exc:  # HTTP, network and authentication errors
         raise MergeError(
-            f"{plan.repo}: upload failed ({type(exc).__name__}: {_line(exc)}); "
+            f"{plan.repo}: upload failed ({type(exc).__name__}: {first_line(exc)}); "
             "log in with `hf auth login` or set HF_TOKEN to a token that may write "
             "to this repository"
         ) from None
@@ -577,7 +526,3 @@ def _size(n: int) -> str:
     power = min(3, (len(str(n)) - 1) // 3)
     return f"{n / 1000**power:.1f} {('kB', 'MB', 'GB')[power - 1]}"
 
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import re
 import tempfile
 from collections import Counter
@@ -24,12 +23,12 @@ from safetensors import SafetensorError, safe_open
 
 from evomerge.merge.compute import resolve_device
 from evomerge.merge.errors import MergeError
-from evomerge.merge.materialize import RECIPE_FILE, run_merge
+from evomerge.merge.materialize import MERGEKIT_FILE, RECIPE_FILE, run_merge
 from evomerge.merge.methods import get_method
 from evomerge.merge.recipe import Recipe, parse_recipe, parse_yaml, read_text
 from evomerge.merge.refs import ModelRef, resolve_model_dir
+from evomerge.merge.weights import WeightIndex
 
-MERGEKIT_FILE = "mergekit_config.yml"
 README_FILE = "README.md"
 SEED_HEADER = re.compile(r"#\s*made by evomerge with --seed (\d+)")
 README_SEED = re.compile(r"evomerge merge \S+ \S+ --seed (\d+)")  # the line evomerge's card has
@@ -219,18 +218,7 @@ def revision_note(refs: list[str]) -> str:
 
 def safetensors_index(folder: Path, name: str) -> dict[str, Path]:
     """Tensor name -> safetensors file of a checkpoint folder (sharded or single-file)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(read_text(index, "a safetensors index"))["weight_map"]
-        files = {tensor: folder / file for tensor, file in weight_map.items()}
-        missing = sorted({file.name for file in files.values() if not file.is_file()})
-        if missing:
-            raise MergeError(f"{name}: shard {missing[0]} listed in {index.name} is missing")
-        return files
-    files: dict[str, Path] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with _open(file) as handle:
-            files.update(dict.fromkeys(handle.keys(), file))
+    files = {tensor: info.file for tensor, info in WeightIndex.read(folder, name).tensors.items()}
     if not files:
         pickled = " (it has only .bin weights)" if any(folder.glob("*.bin")) else ""
         raise MergeError(

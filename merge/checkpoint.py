@@ -1,11 +1,10 @@
-"""Lazy, tensor-by-tensor access to a model folder's weights (sharded or single-file)."""
+"""Lazy, tensor-by-tensor access to a model folder's weights (sharded or single-file),
+indexed by `weights.WeightIndex`."""
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -14,37 +13,7 @@ import torch
 from safetensors import safe_open
 
 from evomerge.merge.errors import MergeError
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    offset: int = 0
-    """Where the tensor's bytes start in a safetensors file."""
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The header's tensor entries and the file offset where tensor data starts."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header, 8 + length
+from evomerge.merge.weights import TensorInfo, WeightIndex
 
 
 def _pread_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
@@ -79,9 +48,8 @@ class Checkpoint:
         self.tensors = self._index()
 
     def _index(self) -> dict[str, TensorInfo]:
-        files = sorted(self.path.glob("*.safetensors"))
-        if files:
-            return self._index_safetensors(files)
+        if any(self.path.glob("*.safetensors")):
+            return self._index_safetensors()
         pickled = sorted(self.path.glob("*.bin"))
         if not pickled:
             raise MergeError(f"{self.ref}: no *.safetensors weights in {self.path}")
@@ -96,31 +64,8 @@ class Checkpoint:
                 index[name] = TensorInfo(file, tuple(tensor.shape), tensor.dtype)
         return index
 
-    def _index_safetensors(self, files: list[Path]) -> dict[str, TensorInfo]:
-        index_file = self.path / "model.safetensors.index.json"
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
-            if missing:
-                raise MergeError(
-                    f"{self.ref}: shard {missing[0]} listed in {index_file.name} is missing"
-                )
-            files = sorted({self.path / f for f in weight_map.values()})
-        index: dict[str, TensorInfo] = {}
-        for file in files:
-            try:
-                header, data_start = read_safetensors_header(file)
-            except (OSError, ValueError, struct.error) as exc:
-                raise MergeError(
-                    f"{self.ref}: {file.name} is not a valid safetensors file ({exc})"
-                ) from None
-            for name, entry in header.items():
-                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    raise MergeError(f"{self.ref}: {name} has unsupported dtype {entry['dtype']}")
-                start = data_start + entry["data_offsets"][0]
-                index[name] = TensorInfo(file, tuple(entry["shape"]), dtype, start)
-        return index
+    def _index_safetensors(self) -> dict[str, TensorInfo]:
+        return WeightIndex.read(self.path, self.ref).tensors
 
     def _load_pickled(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._pickled:

@@ -34,6 +34,7 @@ TOKENIZER_FILES = [
     "chat_template.json",
 ]
 RECIPE_FILE = "evomerge_recipe.yaml"
+MERGEKIT_FILE = "mergekit_config.yml"  # what mergekit-yaml writes beside its merges
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:

@@ -18,8 +18,8 @@ from typing import BinaryIO
 
 import torch
 
-from evomerge.merge.checkpoint import SAFETENSORS_DTYPES
 from evomerge.merge.errors import MergeError
+from evomerge.merge.weights import SAFETENSORS_DTYPES
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)

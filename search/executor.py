@@ -16,6 +16,7 @@ import torch
 
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
+from evomerge.merge.errors import first_line
 from evomerge.merge.recipe import Recipe
 from evomerge.search.records import Outcome
 
@@ -77,7 +78,7 @@ class SerialExecutor:
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             seconds.setdefault("materialize", time.perf_counter() - started)
-            return Outcome(fitness=None, error=_one_line(exc), seconds=seconds)
+            return Outcome(fitness=None, error=first_line(exc, with_type=True), seconds=seconds)
         seconds["evaluate"] = time.perf_counter() - started - seconds["materialize"]
         return outcome_of(result, seconds)
 
@@ -94,11 +95,6 @@ class SerialExecutor:
 
     def close(self) -> None:
         self.evaluator.close()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
 class StackedExecutor(SerialExecutor):

@@ -20,6 +20,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.merge.errors import first_line
 from evomerge.merge.recipe import Recipe
 from evomerge.search.errors import SearchError
 from evomerge.search.records import Gene, Outcome, TrialRecord
@@ -87,8 +88,9 @@ class Journal:
         except ValueError as exc:  # directions differ from the stored study's
             raise SearchError(f"{where}study {study_name!r} in {redact(storage)}: {exc}") from None
         except Exception as exc:  # the database is unreachable, refuses us, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SearchError(f"storage {redact(storage)}: cannot open it: {first}") from None
+            raise SearchError(
+                f"storage {redact(storage)}: cannot open it: {first_line(exc)}"
+            ) from None
         attrs = self.study.user_attrs
         stored = attrs.get("fingerprint")
         n_trials = len(self.study.get_trials(deepcopy=False))

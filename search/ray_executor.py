@@ -18,6 +18,7 @@ from typing import Any
 
 from evomerge.evals.results import EvalResult
 from evomerge.evals.spec import FitnessSpec
+from evomerge.merge.errors import first_line
 from evomerge.merge.recipe import Recipe
 from evomerge.search.errors import SearchError
 from evomerge.search.records import Outcome
@@ -89,7 +90,7 @@ class RayExecutor:
             self.pids = ray.get([a.pid.remote() for a in self.actors])
         except ray.exceptions.RayError as exc:
             self.close()
-            message = _first_line(exc)
+            message = first_line(exc, limit=300)
             raise SearchError(f"executor ray: a worker failed to start: {message}") from None
 
     def evaluate(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]:
@@ -126,7 +127,7 @@ class RayExecutor:
                 self.deaths[worker] += 1
                 if candidate is not None and tries[candidate] >= 2:
                     done[candidate] = Outcome(
-                        fitness=None, error=f"worker died twice: {_first_line(exc)}"
+                        fitness=None, error=f"worker died twice: {first_line(exc, limit=300)}"
                     )
                 elif candidate is not None:
                     queue.appendleft(candidate)  # retried on the next free worker
@@ -167,7 +168,3 @@ class RayExecutor:
         if self._started:
             ray.shutdown()
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
