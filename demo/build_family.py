@@ -34,7 +34,6 @@ import math
 import platform
 import random
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.evals.greedy import cache_argument
+from evomerge.merge.staging import staged_dir
 
 VERSION = 1  # bump whenever the recipe, data or format changes
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -397,9 +397,7 @@ def build_demo_family(out_dir: Path, seed: int = 0, recipe: Recipe | None = None
         trained = train_family(tokenizer, banned, seed, recipe)
         heldout = {task: splits[task]["heldout"] for task in TASKS}
         table = skill_table(trained, tokenizer, heldout)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         for name, model in trained.items():
             model.save_pretrained(tmp / name)
             tokenizer.save_pretrained(tmp / name)
@@ -413,10 +411,6 @@ def build_demo_family(out_dir: Path, seed: int = 0, recipe: Recipe | None = None
         }
         (tmp / "skills.json").write_text(json.dumps(skills, indent=2) + "\n")
         write_manifest(tmp, seed)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -101,6 +101,7 @@ def run_eval(
     bootstrap_iters: int | None = None,
     output: Path | None = None,
     log_samples: bool = False,
+    allow_pickle: bool = False,
     echo=print,
 ) -> dict[str, EvalResult]:
     if split not in ("fitness", "heldout", "both"):
@@ -120,7 +121,7 @@ def run_eval(
         overrides=overrides,
         max_gen_toks=max_gen_toks,
     )
-    candidate = load_candidate(source, device=device, dtype=dtype)
+    candidate = load_candidate(source, device=device, dtype=dtype, allow_pickle=allow_pickle)
     evaluator = Evaluator(
         candidate.model, candidate.tokenizer, suites, quiet=False, log_samples=log_samples
     )

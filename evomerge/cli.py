@@ -204,6 +204,9 @@ def eval_(
         Path | None, typer.Option(help="JSON file for the results (default runs/eval-NAME.json).")
     ] = None,
     log_samples: Annotated[bool, typer.Option(help="Also write every document's output.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Also load pickled .bin weights (they can run code: trusted only).")
+    ] = False,
 ) -> None:
     """Score MODEL with lm-eval tasks: print metrics with standard errors and write them as JSON."""
     from evomerge.evals.command import run_eval
@@ -224,5 +227,6 @@ def eval_(
         bootstrap_iters=bootstrap_iters,
         output=output,
         log_samples=log_samples,
+        allow_pickle=allow_pickle,
         echo=typer.echo,
     )

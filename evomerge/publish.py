@@ -29,7 +29,7 @@ from evomerge.merge.errors import MergeError, first_line
 from evomerge.merge.materialize import MERGEKIT_FILE, RECIPE_FILE, TOKENIZER_FILES
 from evomerge.merge.recipe import Recipe, read_text
 from evomerge.merge.refs import ModelRef
-from evomerge.merge.weights import INDEX_FILE, SINGLE_FILE, WeightIndex
+from evomerge.merge.weights import INDEX_FILE, SINGLE_FILE, WeightIndex, file_in_folder
 
 Echo = Callable[[str], None]
 CARD_FILE = "README.md"
@@ -153,12 +153,25 @@ def locate(folder: Path) -> tuple[Path, Path | None]:
 
 
 def model_files(model_dir: Path) -> list[Path]:
-    """Every file of the model folder, hidden files and folders left out."""
+    """Every file of the model folder, hidden files and folders left out; each one checked to
+    be what it seems (`checked_file`)."""
     return [
-        path
+        checked_file(model_dir, path)
         for path in sorted(model_dir.rglob("*"))
         if path.is_file() and not any(p.startswith(".") for p in path.relative_to(model_dir).parts)
     ]
+
+
+def checked_file(folder: Path, path: Path) -> Path:
+    """A file to upload: its name holds no control character (a newline would forge a line of
+    the listing) and it is no link out of `folder` (it could be a token file)."""
+    name = path.relative_to(folder).as_posix()
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise MergeError(
+            f"{folder}: a file name holds a control character ({name!r}); rename or remove it "
+            "before publishing"
+        )
+    return file_in_folder(folder, name, str(folder))
 
 
 def check_no_pickles(files: list[Path], model_dir: Path) -> None:
@@ -270,10 +283,15 @@ def search_files(search_dir: Path) -> tuple[dict[str, Path], list | None]:
     """The search output's files published beside the card, and its reference scores."""
     from evomerge.search.records import ModelScores
 
-    extras = {name: search_dir / name for name in PLOTS if (search_dir / name).is_file()}
+    extras = {
+        name: checked_file(search_dir, search_dir / name)
+        for name in PLOTS
+        if (search_dir / name).is_file()
+    }
     scores_file = search_dir / SCORES_FILE
     if not scores_file.is_file():
         return extras, None
+    checked_file(search_dir, scores_file)
     try:
         data = json.loads(read_text(scores_file, "the search's scores"))
         references = [ModelScores.from_dict(entry) for entry in data]

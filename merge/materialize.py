@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from evomerge.merge.compute import compute_task, input_tensors, resolve_device
 from evomerge.merge.errors import MergeError
 from evomerge.merge.plan import MergePlan, build_plan
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.staging import staged_dir
 from evomerge.merge.writer import Entry, ShardedWriter, parse_size
 
 TOKENIZER_FILES = [
@@ -44,6 +44,20 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise MergeError(f"{out_dir}: exists and is not a directory")
 
 
+def check_not_an_input(out_dir: Path, inputs: list[Path]) -> None:
+    """The output folder is never an input model's folder, above one, or inside one: replacing
+    it (`--overwrite`) must not remove or change an input of the same merge."""
+    out = out_dir.resolve()
+    for source in inputs:
+        real = Path(source).resolve()
+        if out == real or out in real.parents or real in out.parents:
+            where = "is" if out == real else "holds" if out in real.parents else "lies inside"
+            raise MergeError(
+                f"{out_dir}: {where} the input model folder {source}; write the merge to a "
+                "folder of its own"
+            )
+
+
 def run_merge(
     recipe: Recipe,
     out_dir: Path,
@@ -61,24 +75,29 @@ def run_merge(
     shard_bytes = parse_size(out_shard_size)
     torch_device = resolve_device(device)
     plan = build_plan(recipe, allow_pickle=allow_pickle)
+    check_not_an_input(out_dir, [ckpt.path for ckpt in plan.checkpoints.values()])
     chat_template = None
     if recipe.chat_template:
         dirs = [ckpt.path for ckpt in plan.checkpoints.values()]
         chat_template = resolve_chat_template(recipe.chat_template, dirs)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     try:
-        write_weights(plan, staging, torch_device, seed, shard_bytes, progress)
-        write_side_files(plan, staging, seed, out_dir.name, chat_template)
-        move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_dir(out_dir) as staging:
+            write_weights(plan, staging, torch_device, seed, shard_bytes, progress)
+            write_side_files(plan, staging, seed, out_dir.name, chat_template)
     finally:
         for ckpt in plan.checkpoints.values():
             ckpt.close()
     return out_dir
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """A merge never writes NaN or Inf: they come from a broken source or recipe (weights that
+    are NaN, or linear weights summing to zero) and make a checkpoint that generates garbage."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MergeError(
+            f"{name}: the merge gives non-finite values (NaN or Inf); check the sources' weights "
+            "and the recipe's parameters (linear weights must not sum to zero)"
+        )
 
 
 def write_weights(
@@ -100,6 +119,7 @@ def write_weights(
     with ShardedWriter(out_dir, entries, shard_bytes) as writer, bar:
         for done, task in enumerate(plan.tasks, 1):
             result = compute_task(plan, task, input_tensors(plan, task, read), seed, device)
+            check_finite(task.out_name, result)
             writer.write(task.out_name, result)
             bar.update(task.nbytes)
             bar.set_postfix_str(f"{done}/{len(plan.tasks)} tensors", refresh=False)
@@ -147,12 +167,3 @@ def write_side_files(
     (out_dir / RECIPE_FILE).write_text(header + recipe_yaml)
     (out_dir / "README.md").write_text(model_card(plan, recipe_yaml, seed, name))
 
-
-def move_into_place(staging: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -201,10 +201,43 @@ class Recipe(_Strict):
         return parse_recipe(data, origin)
 
 
+MAX_YAML_NODES = 1_000_000  # the document's size with every alias expanded
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python objects) that refuses alias bombs ("billion laughs"):
+    nested aliases cost nothing to load but expand exponentially once the data is walked, and
+    would run until killed. The expanded size is counted on the node graph, in linear time."""
+
+    def compose_document(self):  # type: ignore[no-untyped-def]
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node) -> int:
+            if id(n) not in sizes:
+                sizes[id(n)] = 0  # a cycle counts once
+                if isinstance(n, yaml.SequenceNode):
+                    total = 1 + sum(size(child) for child in n.value)
+                elif isinstance(n, yaml.MappingNode):
+                    total = 1 + sum(size(k) + size(v) for k, v in n.value)
+                else:
+                    total = 1
+                sizes[id(n)] = total
+            return sizes[id(n)]
+
+        if node is not None and size(node) > MAX_YAML_NODES:
+            raise yaml.YAMLError(
+                f"the document expands to {size(node):,} nodes through its aliases (*name), "
+                f"more than {MAX_YAML_NODES:,}: an alias bomb?"
+            )
+        return node
+
+
 def parse_yaml(text: str, origin: str, error: type[MergeError] = MergeError) -> Any:
-    """YAML text to data; a syntax error becomes one line naming the file and line."""
+    """YAML text to data (safe: no Python objects, no alias bombs); a syntax error becomes one
+    line naming the file and line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_SafeLoader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

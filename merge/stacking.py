@@ -26,7 +26,6 @@ import numbers
 import pathlib
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,8 +35,14 @@ from torch import nn
 
 from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import MergeError
-from evomerge.merge.materialize import TOKENIZER_FILES, check_output_dir, move_into_place
+from evomerge.merge.materialize import (
+    TOKENIZER_FILES,
+    check_finite,
+    check_not_an_input,
+    check_output_dir,
+)
 from evomerge.merge.refs import resolve_model_dir
+from evomerge.merge.staging import staged_dir
 from evomerge.merge.writer import Entry, ShardedWriter, parse_size
 
 FOLDED = ("o_proj", "down_proj")
@@ -337,6 +342,7 @@ def write_checkpoint(
         raise MergeError(f"stacking: base {base!r} is not among the models")
     ckpts = {ref: Checkpoint(ref, resolve_model_dir(str(d))) for ref, d in model_dirs.items()}
     try:
+        check_not_an_input(out_dir, [c.path for c in ckpts.values()])
         _check_compatible({ref: {**c.text_config, **c.config} for ref, c in ckpts.items()})
         hops = check_path(path, {ref: c.num_layers for ref, c in ckpts.items()})
         items = list(_export_names(hops, base, {ref: c.tensors for ref, c in ckpts.items()}))
@@ -344,13 +350,12 @@ def write_checkpoint(
         for out, ref, name, _ in items:
             info = ckpts[ref].tensors[name]
             entries.append(Entry(out, info.shape, info.dtype))
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
+        with staged_dir(out_dir) as staging:
             with ShardedWriter(staging, entries, parse_size(out_shard_size)) as writer:
                 for out, ref, name, factor in items:
-                    writer.write(out, _fold(ckpts[ref].read(name), factor))
+                    tensor = _fold(ckpts[ref].read(name), factor)
+                    check_finite(out, tensor)
+                    writer.write(out, tensor)
             config = stacked_config({ref: c.config for ref, c in ckpts.items()}, hops, base)
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             donor = ckpts[base].path
@@ -359,10 +364,6 @@ def write_checkpoint(
                     shutil.copy2(donor / file, staging / file)
             record = {"base": base, "path": [asdict(h) for h in hops]}
             (staging / PATH_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            move_into_place(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     finally:
         for ckpt in ckpts.values():
             ckpt.close()

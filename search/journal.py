@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 import time
 import uuid
 from typing import Any
@@ -57,6 +58,22 @@ def redact(storage: str) -> str:
     return storage
 
 
+def scrub(text: str, storage: str) -> str:
+    """`text` (a driver's error) without the storage URL's password, whole or in pieces: a
+    password holding an unescaped `@`, `:` or `/` is split by URL parsers, and the pieces end
+    up in host names and messages."""
+    if "://" not in storage or "@" not in storage:
+        return text
+    creds = storage.split("://", 1)[1].rsplit("@", 1)[0]
+    if ":" not in creds:
+        return text
+    password = creds.split(":", 1)[1]
+    pieces = [password, *re.split(r"[@:/]", password)]
+    for piece in sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True):
+        text = text.replace(piece, "***")
+    return text
+
+
 def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(recipe.to_yaml().encode()).hexdigest()[:16]
 
@@ -86,15 +103,18 @@ class Journal:
                 "(PostgreSQL: pip install 'evomerge[postgres]')"
             ) from None
         except ValueError as exc:  # directions differ from the stored study's
-            raise SearchError(f"{where}study {study_name!r} in {redact(storage)}: {exc}") from None
+            problem = scrub(str(exc), storage)
+            raise SearchError(
+                f"{where}study {study_name!r} in {redact(storage)}: {problem}"
+            ) from None
         except Exception as exc:  # the database is unreachable, refuses us, ...
             raise SearchError(
-                f"storage {redact(storage)}: cannot open it: {first_line(exc)}"
+                f"storage {redact(storage)}: cannot open it: {scrub(first_line(exc), storage)}"
             ) from None
         attrs = self.study.user_attrs
         stored = attrs.get("fingerprint")
         n_trials = len(self.study.get_trials(deepcopy=False))
-        if stored is None and n_trials == 0:
+        if n_trials == 0:  # new, or a search that stopped before its first trial: start afresh
             self.study.set_user_attr("fingerprint", fingerprint)
             self.study.set_user_attr("genes", [g.name for g in genes])
             self.study.set_user_attr("objectives", objectives)

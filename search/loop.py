@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +21,12 @@ import torch
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.staging import write_text
 from evomerge.search.config import DfsSpec, PsDfsSpec, SearchRecipe
 from evomerge.search.errors import SearchError
 from evomerge.search.executor import Executor, SerialExecutor, StackedExecutor
 from evomerge.search.journal import Journal, recipe_hash, redact
+from evomerge.search.lock import output_lock
 from evomerge.search.optimizers import MULTI_OBJECTIVE, check_optimizer, make_optimizer
 from evomerge.search.records import ModelScores, Outcome, SearchSummary, TrialRecord
 from evomerge.search.space import GeneSpace, ParameterSpace
@@ -77,9 +78,20 @@ class Search:
     ) -> SearchSummary:
         from evomerge.evals.suite import prepare_suites
 
+        suites = prepare_suites(self.recipe.fitness)  # builds the tasks: a missing one fails here
+        with output_lock(self.out):  # one search per output folder at a time
+            return self._run(suites, resume, echo, progress, executor, write_model)
+
+    def _run(
+        self,
+        suites: dict[str, TaskSuite],
+        resume: bool,
+        echo: Echo,
+        progress: bool,
+        executor: Executor | None,
+        write_model: bool,
+    ) -> SearchSummary:
         recipe = self.recipe
-        suites = prepare_suites(recipe.fitness)  # builds the tasks: a missing one fails here
-        self.out.mkdir(parents=True, exist_ok=True)
         journal = Journal(
             self.storage,
             recipe.study_name,
@@ -229,15 +241,15 @@ class Search:
         pareto = _pareto(completed, self.objectives) if self.multi_objective else []
         best_recipe = self.space.to_recipe(best.genome)
         best_yaml = _best_recipe_text(best_recipe, best, self)
-        _write_text(self.out / "best_recipe.yaml", best_yaml)
+        write_text(self.out / "best_recipe.yaml", best_yaml)
         if pareto:
             for number in pareto:
                 trial = next(t for t in completed if t.number == number)
                 text = _best_recipe_text(self.space.to_recipe(trial.genome), trial, self)
-                _write_text(self.out / "pareto" / f"trial-{number}.yaml", text)
+                write_text(self.out / "pareto" / f"trial-{number}.yaml", text)
         echo(f"best: trial {best.number}, fitness {best.outcome.fitness:.4f}")
         references = self._references(journal, executor, suites, best, echo)
-        _write_text(
+        write_text(
             self.out / "scores.json",
             json.dumps([r.to_dict() for r in references], indent=2) + "\n",
         )
@@ -366,7 +378,7 @@ class StagedSearch:
             dfs_recipe, self.out / "dfs", storage=self.storage, title=f"{self.title} PS+DFS"
         )
         summary = dfs.run(resume=resume, echo=echo, progress=progress)
-        _write_text(self.out / "report.md", _stages_report(self.title, ps_summary, summary))
+        write_text(self.out / "report.md", _stages_report(self.title, ps_summary, summary))
         echo(f"wrote {self.out / 'report.md'}")
         return summary
 
@@ -499,13 +511,6 @@ def _best_recipe_text(recipe: Recipe, trial: TrialRecord, search: Search) -> str
         " (or mergekit-yaml)\n"
     )
     return header + recipe.to_yaml(mark_local=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _set_threads(recipe: SearchRecipe) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from build_family import make_char_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -23,8 +24,6 @@ from transformers import (
     MistralForCausalLM,
     PreTrainedModel,
 )
-
-from demo.build_family import make_char_tokenizer
 
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz +-=*?.,:")
 # Distinct per expert, so the union of the vocabularies grows with every expert.

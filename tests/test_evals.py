@@ -546,3 +546,32 @@ def test_plain_task_list_reports_every_metric(family, task_dir):
     ]
     assert result.fitness is None
     assert "tiny_add_heldout" in result.table()
+
+
+def test_eval_refuses_pickled_weights_unless_allowed(
+    family, task_dir, tmp_path, monkeypatch, capsys
+):
+    """A folder with only pytorch_model.bin: pickles can run code, so `evomerge eval` refuses
+    it (exit 2, one line) as merge and search do, and loads it with --allow-pickle."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(family.base, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    args = [
+        "eval",
+        str(folder),
+        "--tasks",
+        "tiny_add",
+        "--include-path",
+        str(task_dir),
+        "--limit",
+        "2",
+    ]
+    code, _, err = run_cli([*args, "--device", "cpu"], monkeypatch, capsys)
+    assert code == 2 and "pickled .bin weights" in error_line(err) and "--allow-pickle" in err
+    candidate = load_candidate(folder, device="cpu", allow_pickle=True)
+    assert candidate.model.num_parameters() > 0

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import yaml
+from build_family import write_task_data
 from test_evals import (  # offline_single_thread is autouse here too
     assert_all_agree,
     offline_single_thread,  # noqa: F401
     run_cli,
 )
 
-from demo.build_family import write_task_data
 from evomerge.evals.catalog import BUNDLED_TASKS
 from evomerge.evals.evaluator import Evaluator
 from evomerge.evals.models import load_candidate

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import build_family as demo
 import pytest
 import torch
 from families import EXTRA_PER_EXPERT, build_tiny_family, reshard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from demo import build_family as demo
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "evals" / "tasks" / "demo" / "data"
 

@@ -208,6 +208,42 @@ def test_overwrite_replaces_output(llama, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.parametrize("where", ["a source", "the sources' parent", "inside a source"])
+def test_overwrite_never_touches_an_input(tiny_family, where):
+    """`--overwrite` with OUT a source folder, above the sources or inside one is refused before
+    anything is written: every input file keeps its bytes."""
+    family = tiny_family(seed=5)
+    out = {
+        "a source": family.experts[0],
+        "the sources' parent": family.base.parent,
+        "inside a source": family.base / "merged",
+    }[where]
+    before = {p: p.read_bytes() for p in family.base.parent.rglob("*") if p.is_file()}
+    with pytest.raises(MergeError, match="input model folder") as err:
+        run_merge(parse_recipe(ties_recipe(family)), out, progress=False, overwrite=True)
+    assert "\n" not in str(err.value)
+    after = {p: p.read_bytes() for p in family.base.parent.rglob("*") if p.is_file()}
+    assert after == before and not (family.base / "merged").exists()
+
+
+def test_a_merge_that_gives_nan_fails_naming_the_tensor_and_writes_nothing(llama, tmp_path):
+    """Linear weights that sum to zero divide by zero: no checkpoint of NaNs, exit 2."""
+    recipe = parse_recipe(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(llama.experts[0]), "parameters": {"weight": 1.0}},
+                {"model": str(llama.experts[1]), "parameters": {"weight": -1.0}},
+            ],
+        }
+    )
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match="non-finite values") as err:
+        run_merge(recipe, out, device="cpu", progress=False)
+    assert str(err.value).startswith("model.") and not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_passthrough_frankenmerge_patches_config(llama, tmp_path):
     base, expert = str(llama.base), str(llama.experts[0])
     data = {

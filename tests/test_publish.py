@@ -410,3 +410,19 @@ def test_upload_failure_is_a_one_line_error(model_dir, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and "Unauthorized" in message and "hf auth login" in message
     assert len(staging) == 1 and not staging[0].exists()
+
+
+def test_a_file_linking_out_of_the_folder_is_never_uploaded(model_dir, tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+    (model_dir / "notes.txt").symlink_to(secret)
+    with pytest.raises(MergeError, match=r"is a link to .*outside") as err:
+        _dry_run(model_dir)
+    assert "hf_secret" not in str(err.value)
+
+
+def test_a_file_name_with_a_newline_is_refused(model_dir):
+    (model_dir / "notes\nREADME.md 1 kB").write_text("x")
+    with pytest.raises(MergeError, match="control character") as err:
+        _dry_run(model_dir)
+    assert "\n" not in str(err.value)

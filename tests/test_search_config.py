@@ -234,3 +234,30 @@ def test_dry_run_errors_exit_2_with_one_line(tmp_path, tiny_recipe, change, expe
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0]
     assert "s.yaml" in lines[0]
+
+
+def test_storage_errors_never_show_the_password_even_in_pieces():
+    from evomerge.search.journal import redact, scrub
+
+    url = "postgresql://bob:se@cr3t!pw@db.example:5432/x"  # an unescaped @ in the password
+    assert "cr3t" not in redact(url) and redact(url).startswith("postgresql://bob:***@")
+    driver = "could not translate host name 'cr3t!pw@db.example' to address"
+    assert "cr3t" not in scrub(driver, url) and "db.example" in scrub(driver, url)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine levels of nine aliases ("billion laughs") in optimizer.options: refused while parsing,
+    before anything walks the 4-billion-node expansion."""
+    import time
+
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 10):
+        levels.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    text = yaml.safe_dump(recipe_data()) + "optimizer:\n  options:\n"
+    text += "".join(f"    {line}\n" for line in levels)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(SearchError, match="alias") as err:
+        load_search_recipe(path)
+    assert time.perf_counter() - started < 5 and "\n" not in str(err.value)

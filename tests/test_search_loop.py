@@ -258,6 +258,46 @@ def test_existing_study_needs_resume_and_the_same_recipe(demo_family, tmp_path):
     assert len(summary.trials) == 4
 
 
+class BrokenExecutor:
+    """An executor that fails before any candidate is scored (a crash at start-up)."""
+
+    def evaluate(self, recipes):
+        raise RuntimeError("the device went away")
+        yield  # a generator, like the real ones
+
+    def score(self, recipe, split):
+        raise AssertionError("not reached")
+
+    def close(self):
+        pass
+
+
+def test_a_search_that_stopped_before_its_first_trial_can_be_rerun(demo_family, tmp_path):
+    recipe = write_recipe(tmp_path / "a.yaml", demo_family, budget={"evaluations": 2})
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="went away"):
+        run(recipe, out, write_model=False, executor=BrokenExecutor())
+    assert (out / "study.db").is_file() and trials_of(out) == []
+    summary = run(recipe, out, write_model=False)  # no --resume needed: nothing to resume
+    assert len(summary.trials) == 2
+
+
+def test_a_second_search_on_the_same_folder_is_refused(demo_family, tmp_path):
+    """While one search writes OUT (its lock held here), another `evomerge search` on OUT exits 2
+    with one line and adds nothing to the study."""
+    from evomerge.search.lock import output_lock
+
+    recipe = write_recipe(tmp_path / "a.yaml", demo_family, budget={"evaluations": 2})
+    out = tmp_path / "out"
+    with output_lock(out):
+        done = _search_process(recipe, out)
+        output, _ = done.communicate(timeout=120)
+    assert done.returncode == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "another evomerge search" in errors[0], output
+    assert "Traceback" not in output and not (out / "study.db").exists()
+
+
 def test_failing_candidates_are_recorded_and_the_search_completes(
     demo_family, tmp_path, monkeypatch
 ):
