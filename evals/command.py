@@ -18,6 +18,7 @@ from evomerge.evals.results import EvalResult
 from evomerge.evals.spec import EvalSettings, FitnessSpec, load_fitness_spec
 from evomerge.evals.suite import TaskSuite, prepare_suites, suite_from_names
 from evomerge.merge.recipe import describe_validation_error
+from evomerge.merge.staging import check_can_create, write_text
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -106,6 +107,9 @@ def run_eval(
 ) -> dict[str, EvalResult]:
     if split not in ("fitness", "heldout", "both"):
         raise EvalError(f"--split: {split!r} is not one of fitness, heldout, both")
+    name = source.stem if source.is_file() else source.name
+    output = output or Path("runs") / f"eval-{name}.json"
+    check_can_create(output, EvalError)
     overrides: dict[str, Any] = {
         "limit": parse_limit(limit),
         "num_fewshot": num_fewshot,
@@ -129,14 +133,10 @@ def run_eval(
     for name, result in results.items():
         echo(f"\n{name}: {candidate.source}, {result.seconds:.1f} s")
         echo(result.table())
-    output = (
-        output or Path("runs") / f"eval-{source.stem if source.is_file() else source.name}.json"
-    )
     data = {
         "model": candidate.source,
         **{name: r.to_dict(with_samples=log_samples) for name, r in results.items()},
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text(output, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
     echo(f"\nwrote {output}")
     return results

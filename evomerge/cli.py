@@ -52,6 +52,9 @@ def merge(
         )
     except MergeError as exc:
         raise MergeError(with_origin(str(exc), recipe)) from None
+    except KeyboardInterrupt:  # click would print "Aborted!"; the staged output is already gone
+        typer.echo(f"interrupted; nothing was written to {out_dir}", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"wrote {out_dir}")
 
 

@@ -15,7 +15,6 @@ here.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from evomerge.merge.architecture import expected_tensors, meta_model
 from evomerge.merge.errors import MergeError, first_line
 from evomerge.merge.materialize import MERGEKIT_FILE, RECIPE_FILE, TOKENIZER_FILES
 from evomerge.merge.recipe import Recipe, read_text
@@ -218,7 +218,7 @@ def checked_weights(model_dir: Path, files: list[Path]) -> dict[str, tuple[str, 
 
 def check_against_config(model_dir: Path, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     """The model config.json describes, built on the meta device, has exactly these tensors."""
-    expected, may_be_absent, ignored = expected_tensors(model_dir)
+    expected, may_be_absent, ignored = model_expected_tensors(model_dir)
     for name, (shard, shape) in sorted(shapes.items()):
         if name not in expected:
             if any(pattern.search(name) for pattern in ignored):
@@ -242,11 +242,9 @@ def check_against_config(model_dir: Path, shapes: dict[str, tuple[str, tuple[int
         )
 
 
-def expected_tensors(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[str], list]:
-    """(name -> shape of the model's state dict, names that may be absent because they are tied
-    to another weight, patterns of extra names transformers ignores when loading)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_expected_tensors(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[str], list]:
+    """`architecture.expected_tensors` of the model the folder's config.json describes."""
+    from transformers import AutoConfig
 
     config_file = model_dir / "config.json"
     try:
@@ -254,19 +252,7 @@ def expected_tensors(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[s
     except Exception as exc:  # transformers raises many kinds for a bad config
         problem = first_line(exc)
         raise MergeError(f"{config_file}: transformers cannot load it ({problem})") from None
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as exc:
-        raise MergeError(
-            f"{config_file}: transformers cannot build a causal language model "
-            f"from it ({first_line(exc)})"
-        ) from None
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    every = dict(model.named_parameters(remove_duplicate=False))
-    tied = set(every) - set(dict(model.named_parameters()))  # e.g. lm_head with tied embeddings
-    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
-    return expected, tied, [re.compile(pattern) for pattern in ignored]
+    return expected_tensors(meta_model(config, str(config_file)))
 
 
 def read_recipe(model_dir: Path) -> tuple[Path, str]:

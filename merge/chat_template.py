@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from evomerge.merge.errors import MergeError
+from evomerge.merge.recipe import read_json_object, read_text
 
 BUILTIN = {
     "chatml": (
@@ -39,11 +39,11 @@ BUILTIN = {
 def model_chat_template(model_dir: Path) -> str | None:
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return read_text(jinja, "a chat template")
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = model_dir / name
         if path.is_file():
-            template = json.loads(path.read_text()).get("chat_template")
+            template = read_json_object(path, "the tokenizer config").get("chat_template")
             if isinstance(template, str):
                 return template
     return None

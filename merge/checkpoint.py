@@ -3,7 +3,6 @@ indexed by `weights.WeightIndex`."""
 
 from __future__ import annotations
 
-import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from evomerge.merge.errors import MergeError
+from evomerge.merge.recipe import read_json_object
 from evomerge.merge.weights import TensorInfo, WeightIndex
 
 
@@ -41,7 +41,7 @@ class Checkpoint:
         self.allow_pickle = allow_pickle
         if not (path / "config.json").is_file():
             raise MergeError(f"{ref}: no config.json in {path} (not a transformers model folder)")
-        self.config: dict[str, Any] = json.loads((path / "config.json").read_text())
+        self.config: dict[str, Any] = read_json_object(path / "config.json", "the model config")
         self._handles: dict[tuple[Path, str], Any] = {}
         self._fds: dict[Path, int] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
@@ -96,7 +96,13 @@ class Checkpoint:
     def num_layers(self) -> int:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in self.text_config:
-                return int(self.text_config[key])
+                value = self.text_config[key]
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise MergeError(
+                        f"{self.path / 'config.json'}: {key} is {value!r}, not a positive whole "
+                        "number; fix the config"
+                    )
+                return value
         raise MergeError(f"{self.ref}: config.json has no num_hidden_layers")
 
     @property

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from evomerge.merge.architecture import config_shape_mismatch
 from evomerge.merge.card import model_card
 from evomerge.merge.chat_template import resolve_chat_template
 from evomerge.merge.compute import compute_task, input_tensors, resolve_device
 from evomerge.merge.errors import MergeError
 from evomerge.merge.plan import MergePlan, build_plan
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.staging import staged_dir
+from evomerge.merge.staging import check_can_create, staged_dir
 from evomerge.merge.writer import Entry, ShardedWriter, parse_size
 
 TOKENIZER_FILES = [
@@ -38,6 +39,7 @@ MERGEKIT_FILE = "mergekit_config.yml"  # what mergekit-yaml writes beside its me
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    check_can_create(out_dir)
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir}: already exists; pass --overwrite to replace it")
     if out_dir.exists() and not out_dir.is_dir():
@@ -76,6 +78,14 @@ def run_merge(
     torch_device = resolve_device(device)
     plan = build_plan(recipe, allow_pickle=allow_pickle)
     check_not_an_input(out_dir, [ckpt.path for ckpt in plan.checkpoints.values()])
+    mismatch = config_shape_mismatch(output_config(plan), {t.out_name: t.shape for t in plan.tasks})
+    if mismatch is not None:
+        name, described, made = mismatch
+        raise MergeError(
+            f"{plan.checkpoints[plan.config_model].path / 'config.json'}: describes {name} as "
+            f"{list(described)} but the merge makes {list(made)} from the sources' weights; "
+            "the config does not match the weights (hidden_size, vocab_size, head counts?)"
+        )
     chat_template = None
     if recipe.chat_template:
         dirs = [ckpt.path for ckpt in plan.checkpoints.values()]

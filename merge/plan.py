@@ -17,6 +17,7 @@ import torch
 from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import MergeError
 from evomerge.merge.methods import MergeMethod, get_method
+from evomerge.merge.methods.sparsify import sparsity_problem
 from evomerge.merge.parameters import check_parameter_names, resolve_tensor_parameters
 from evomerge.merge.recipe import OutputSlice, Parameters, Recipe, SourceSlice
 from evomerge.merge.refs import resolve_model_dir
@@ -301,6 +302,12 @@ def resolve_task(
         top_scope=recipe.parameters,
         t=task.t,
     )
+    kind = method.extras.get("sparsification")
+    if kind is not None:
+        for (model, _), params in zip(task.inputs, task.per_input, strict=True):
+            problem = sparsity_problem(kind, params)
+            if problem is not None:
+                raise MergeError(f"{model}: {method.name} {problem} (for {task.out_name})")
 
 
 def reresolve(plan: MergePlan, recipe: Recipe) -> None:

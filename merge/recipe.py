@@ -7,6 +7,7 @@ a slice and on a source; the most specific one wins (see `parameters.py`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from evomerge.merge.errors import MergeError
+from evomerge.merge.errors import MergeError, first_line
 
 Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
 ScalarOrGradient = Scalar | list[Scalar]
@@ -255,9 +256,24 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
 def read_text(path: Path, what: str, error: type[MergeError] = MergeError) -> str:
     """A file's text; an unreadable file is one line naming it and `what` it should hold."""
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{path}: {what} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+
+
+def read_json_object(path: Path, what: str, error: type[MergeError] = MergeError) -> dict:
+    """A JSON file that must hold an object, or a one-line error naming it."""
+    try:
+        data = json.loads(read_text(path, what, error))
+    except ValueError as exc:
+        raise error(f"{path}: {what} is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: {what} must be a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -53,16 +53,24 @@ def mark_local(text: str) -> str:
 MODEL_KEYS = ("model", "base_model", "source", "tokenizer_source")  # where recipes name models
 
 
-def resolve_model_dir(text: str, *, allow_pickle: bool = False) -> Path:
-    """A local directory holding the model, downloading a Hub model if needed."""
+def check_reference(text: str) -> ModelRef:
+    """A model reference that can be resolved: an existing folder or a Hub id (not fetched);
+    the one-line error a merge would give otherwise. Dry runs call it too."""
     ref = ModelRef.parse(text)
     path = Path(ref.path)
     if path.exists():
         if not path.is_dir():
             raise MergeError(f"{text}: not a directory (a model is a folder with config.json)")
-        return path
-    if not _HUB_ID.match(ref.path):
+    elif not _HUB_ID.match(ref.path):
         raise MergeError(f"{text}: no such directory, and not a Hub id of the form 'org/name'")
+    return ref
+
+
+def resolve_model_dir(text: str, *, allow_pickle: bool = False) -> Path:
+    """A local directory holding the model, downloading a Hub model if needed."""
+    ref = check_reference(text)
+    if Path(ref.path).exists():
+        return Path(ref.path)
     return _download(ref, allow_pickle)
 
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from evomerge.merge.errors import MergeError
+
 
 def _sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}"
@@ -52,3 +54,15 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_can_create(path: Path, error: type[MergeError] = MergeError) -> None:
+    """`path`, an output to write, can be created: its nearest existing ancestor is a folder
+    this process may write in. Checked before any work, so a bad output path wastes none."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise error(f"{path}: {ancestor} is a file, not a folder; choose another output path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise error(f"{path}: cannot write in {ancestor} (permission denied); choose another path")

@@ -72,10 +72,11 @@ def run_search_command(
 def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> None:
     """Validate the recipe and print the space, the budget and a cost estimate, offline."""
     from evomerge.evals.catalog import TaskCatalog
-    from evomerge.search.loop import make_space, num_layers
+    from evomerge.search.loop import check_before_loading, make_space, num_layers
     from evomerge.search.optimizers import check_optimizer
 
     check_optimizer(recipe.optimizer)
+    check_before_loading(recipe)
     if isinstance(recipe.space, PsDfsSpec):
         from evomerge.search.loop import stage_recipes
 

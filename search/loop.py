@@ -21,7 +21,7 @@ import torch
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.staging import write_text
+from evomerge.merge.staging import check_can_create, write_text
 from evomerge.search.config import DfsSpec, PsDfsSpec, SearchRecipe
 from evomerge.search.errors import SearchError
 from evomerge.search.executor import Executor, SerialExecutor, StackedExecutor
@@ -50,6 +50,8 @@ class Search:
     ) -> Search:
         """Everything that can be checked without loading a model or a dataset."""
         check_optimizer(recipe.optimizer)
+        check_can_create(out, SearchError)
+        check_before_loading(recipe)
         if isinstance(recipe.space, DfsSpec | PsDfsSpec) and recipe.executor == "ray":
             raise SearchError("executor: data-flow searches run with the serial executor for now")
         if isinstance(recipe.space, PsDfsSpec):
@@ -408,6 +410,30 @@ def _stages_report(title: str, ps: SearchSummary, dfs: SearchSummary) -> str:
             "",
         ]
     )
+
+
+def check_before_loading(recipe: SearchRecipe) -> None:
+    """What a dry run and a real run refuse alike before a model loads: the device, model
+    references that resolve to nothing, and space filters that match no tensor of a local
+    config model (read from its safetensors headers)."""
+    from evomerge.merge.compute import resolve_device
+    from evomerge.merge.refs import check_reference
+    from evomerge.merge.weights import WeightIndex
+
+    resolve_device(recipe.device)
+    merge = recipe.merge
+    for model in merge.referenced_models():
+        check_reference(model)
+    filters = getattr(recipe.space, "filters", None)
+    first = merge.base_model or (merge.models[0].model if merge.models else None)
+    if filters and first and Path(first).is_dir():
+        names = list(WeightIndex.read(Path(first)).tensors)
+        for pattern in filters:
+            if names and not any(pattern in name for name in names):
+                raise SearchError(
+                    f"space.filters: {pattern!r} is in no tensor name of {first} (names look "
+                    f"like {names[len(names) // 2]}); fix the filter"
+                )
 
 
 def num_layers(recipe: SearchRecipe) -> int | None:

@@ -70,11 +70,32 @@ def check_optimizer(spec: OptimizerSpec) -> None:
                 "optimizer.options: only CMA takes options with the nevergrad backend "
                 "(they go to nevergrad.families.ParametrizedCMA)"
             )
+        _check_options(spec.options, ng.families.ParametrizedCMA, "Nevergrad's CMA")
     elif spec.name not in OPTUNA_SAMPLERS:
         raise SearchError(
             f"optimizer.name: {spec.name!r} is not an Optuna sampler; use one of "
             f"{', '.join(OPTUNA_SAMPLERS)}"
         )
+    else:
+        import optuna
+
+        _check_options(spec.options, getattr(optuna.samplers, spec.name), spec.name)
+
+
+def _check_options(options: dict, target: Any, what: str) -> None:
+    """Every key of `optimizer.options` is a keyword `target` takes (before a search starts)."""
+    import difflib
+    import inspect
+
+    accepted = set(inspect.signature(target).parameters) - {"self", "seed", "args", "kwargs"}
+    for key in sorted(options):
+        if key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SearchError(
+                f"optimizer.options.{key}: not an option of {what}{hint}; "
+                f"accepted: {', '.join(sorted(accepted))}"
+            )
 
 
 class NevergradOptimizer:

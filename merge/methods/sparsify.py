@@ -90,3 +90,18 @@ def della_magprune(
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     mask = torch.bernoulli(probs, generator=generator).to(work)
     return rescaled(rows.to(work), mask, rescale).to(tensor.dtype).reshape(shape)
+
+
+def sparsity_problem(kind: str, params: dict) -> str | None:
+    """Why `params` cannot sparsify with `kind` (what the computation would fail on), or None;
+    the planner asks before any tensor is read."""
+    density = params.get("density")
+    if density is None or density >= 1:
+        return None
+    if kind == "random" and density < 0:
+        return f"density must lie in [0, 1] (it is a keep probability), got {density}"
+    epsilon = params.get("epsilon")
+    outside = epsilon is not None and (density + epsilon >= 1 or density - epsilon <= 0)
+    if kind == "della_magprune" and density > 0 and outside:
+        return f"density ± epsilon must lie in (0, 1), got {density} ± {epsilon}"
+    return None
