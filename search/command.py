@@ -78,7 +78,7 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     check_optimizer(recipe.optimizer)
     check_before_loading(recipe)
     if isinstance(recipe.space, PsDfsSpec):
-        from evomerge.search.loop import stage_recipes
+        from evomerge.search.stages import stage_recipes
 
         # Stage 2 runs on stage 1's merge, which has the base model's architecture.
         stages = stage_recipes(recipe, Path("."), model_a=recipe.merge.base_model)

@@ -11,14 +11,18 @@ layer i, so M*M genes; `per_slot` gives each slot one scale; `none` keeps every 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.stacking import Hop, passthrough_recipe
-from evomerge.search.config import DfsSpec
+from evomerge.search.config import DfsSpec, SearchRecipe
 from evomerge.search.errors import SearchError
 from evomerge.search.records import Gene
 from evomerge.search.space import GeneSpace, short_names
+
+if TYPE_CHECKING:
+    from evomerge.evals.suite import TaskSuite
+    from evomerge.search.executor import Executor
 
 
 class DataFlowSpace(GeneSpace):
@@ -113,6 +117,20 @@ class DataFlowSpace(GeneSpace):
         if not path:
             raise SearchError("a path with no layers: switch some slots on or set pin_ends")
         return path
+
+    def make_executor(self, recipe: SearchRecipe, suites: dict[str, TaskSuite]) -> Executor:
+        """Paths over the sources' shared layers in one stacked model."""
+        from evomerge.search.executor import StackedExecutor
+
+        return StackedExecutor(
+            self.refs,
+            self.names[0],
+            self.candidate(self.init()),
+            suites,
+            device=recipe.device,
+            dtype=recipe.merge.dtype,
+            allow_pickle=recipe.allow_pickle,
+        )
 
     def to_recipe(self, genome: Sequence[float]) -> Recipe:
         """The mergekit passthrough recipe of the path (scales folded into o_proj/down_proj)."""

@@ -1,18 +1,23 @@
-"""Executors: a batch of candidate recipes in, one Outcome per candidate out (in order).
+"""Executors: a batch of candidates in, one Outcome per candidate out (in order).
 
-The serial executor keeps the source tensors resident on one device and materializes every
-candidate in place into one preallocated model, which lm-eval scores from memory: no disk.
-A candidate that fails (non-finite weights, out of memory, an evaluation error) comes back as
-a failed Outcome with its error; the search records it and goes on.
+Each executor is built by the space whose candidates it runs (`GeneSpace.make_executor`): a
+parameter-space candidate is a recipe, materialized in place into one preallocated model whose
+source tensors stay resident (`SerialExecutor`, or `RayExecutor` for several workers); a
+data-flow candidate is a layer path through one stacked model (`StackedExecutor`). lm-eval scores
+the model from memory: no disk. A candidate that fails (non-finite weights, out of memory, an
+evaluation error) comes back as a failed Outcome with its error; the search records it and goes
+on. The source models are scored through the executor too (`score_source`), so they run where
+the candidates run.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
@@ -22,9 +27,17 @@ from evomerge.search.records import Outcome
 
 
 class Executor(Protocol):
-    def evaluate(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]: ...
+    def evaluate(self, candidates: Sequence[Any]) -> Iterator[Outcome]:
+        """One Outcome per candidate, in order, as each finishes."""
+        ...
 
-    def score(self, recipe: Recipe, split: str) -> EvalResult: ...
+    def score(self, candidate: Any, split: str) -> EvalResult:
+        """One candidate on one split (the reference merges at the end of a search)."""
+        ...
+
+    def score_source(self, model: str) -> dict[str, EvalResult]:
+        """A source model alone, on every prepared split."""
+        ...
 
     def close(self) -> None: ...
 
@@ -44,34 +57,64 @@ def outcome_of(result: EvalResult, seconds: dict[str, float]) -> Outcome:
     )
 
 
-class SerialExecutor:
-    """Candidates one after another in this process, on one device."""
+def score_model(
+    model: str,
+    suites: dict[str, TaskSuite],
+    *,
+    dtype: str | None,
+    tokenizer_source: str | None,
+    device: str,
+    allow_pickle: bool,
+) -> dict[str, EvalResult]:
+    """A source model in a model of its own (its dtype or vocabulary may differ from the
+    merge's), scored on every split of `suites`, then freed."""
+    from evomerge.evals.evaluator import Evaluator
+    from evomerge.merge.resident import ResidentMerger
 
-    def __init__(
-        self,
-        first: Recipe,
-        suites: dict[str, TaskSuite],
-        *,
-        device: str = "auto",
-        seed: int = 0,
-        allow_pickle: bool = False,
-    ):
+    single = Recipe.model_validate(
+        {
+            "merge_method": "passthrough",
+            "models": [{"model": model}],
+            "dtype": dtype,
+            "tokenizer_source": tokenizer_source,
+        }
+    )
+    merger = ResidentMerger(single, device=device, allow_pickle=allow_pickle)
+    evaluator = Evaluator(merger.build_model(), merger.tokenizer(), suites)
+    try:
+        return {split: evaluator.score(split) for split in suites}
+    finally:
+        evaluator.close()
+
+
+class InMemoryExecutor:
+    """Candidates one after another in this process, on one model that lives in memory.
+    Subclasses set `model`, `evaluator` and `source_options` and say how a candidate becomes
+    the model's weights (`_materialize`)."""
+
+    model: nn.Module
+    suites: dict[str, TaskSuite]
+    source_options: dict[str, Any]
+
+    def __init__(self, model: nn.Module, tokenizer: Any, suites: dict[str, TaskSuite]):
         from evomerge.evals.evaluator import Evaluator
-        from evomerge.merge.resident import ResidentMerger
 
-        self.merger = ResidentMerger(first, device=device, seed=seed, allow_pickle=allow_pickle)
-        self.model = self.merger.build_model()
-        self.evaluator = Evaluator(self.model, self.merger.tokenizer(), suites)
+        self.model = model
+        self.suites = suites
+        self.evaluator = Evaluator(model, tokenizer, suites)
 
-    def evaluate(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]:
-        for recipe in recipes:
-            yield self._one(recipe)
+    def _materialize(self, candidate: Any) -> None:
+        raise NotImplementedError
 
-    def _one(self, recipe: Recipe) -> Outcome:
+    def evaluate(self, candidates: Sequence[Any]) -> Iterator[Outcome]:
+        for candidate in candidates:
+            yield self._one(candidate)
+
+    def _one(self, candidate: Any) -> Outcome:
         started = time.perf_counter()
         seconds: dict[str, float] = {}
         try:
-            self._materialize(recipe)
+            self._materialize(candidate)
             seconds["materialize"] = time.perf_counter() - started
             result = self.evaluator.score("fitness")
         except Exception as exc:  # any failure of one candidate is recorded, not raised
@@ -82,22 +125,48 @@ class SerialExecutor:
         seconds["evaluate"] = time.perf_counter() - started - seconds["materialize"]
         return outcome_of(result, seconds)
 
-    def _materialize(self, recipe: Recipe) -> None:
-        self.merger.materialize(self.model, recipe)
-        for name, param in self.model.named_parameters():
-            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-                raise CandidateError(f"the merge has non-finite values in {name}")
-
-    def score(self, recipe: Recipe, split: str) -> EvalResult:
-        """One recipe on one split (the uniform and the best merge on held-out data)."""
-        self._materialize(recipe)
+    def score(self, candidate: Any, split: str) -> EvalResult:
+        self._materialize(candidate)
         return self.evaluator.score(split)
+
+    def score_source(self, model: str) -> dict[str, EvalResult]:
+        return score_model(model, self.suites, **self.source_options)
 
     def close(self) -> None:
         self.evaluator.close()
 
 
-class StackedExecutor(SerialExecutor):
+class SerialExecutor(InMemoryExecutor):
+    """Parameter-space candidates (recipes), materialized in place from resident sources."""
+
+    def __init__(
+        self,
+        first: Recipe,
+        suites: dict[str, TaskSuite],
+        *,
+        device: str = "auto",
+        seed: int = 0,
+        allow_pickle: bool = False,
+    ):
+        from evomerge.merge.resident import ResidentMerger
+
+        self.merger = ResidentMerger(first, device=device, seed=seed, allow_pickle=allow_pickle)
+        super().__init__(self.merger.build_model(), self.merger.tokenizer(), suites)
+        self.source_options = {
+            "dtype": first.dtype,
+            "tokenizer_source": first.effective_tokenizer_source,
+            "device": device,
+            "allow_pickle": allow_pickle,
+        }
+
+    def _materialize(self, candidate: Recipe) -> None:
+        self.merger.materialize(self.model, candidate)
+        for name, param in self.model.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                raise CandidateError(f"the merge has non-finite values in {name}")
+
+
+class StackedExecutor(InMemoryExecutor):
     """Data-flow candidates: the source models are loaded once and every candidate path runs
     over their shared layers in one stacked model (no weights are copied or written)."""
 
@@ -111,16 +180,13 @@ class StackedExecutor(SerialExecutor):
         device: str = "auto",
         dtype: str | None = None,
         allow_pickle: bool = False,
-        seed: int = 0,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from evomerge.evals.evaluator import Evaluator
         from evomerge.merge.compute import resolve_device
         from evomerge.merge.refs import resolve_model_dir
         from evomerge.merge.stacking import StackedModel
 
-        del seed  # paths are deterministic
         target = resolve_device(device)
         folders = {n: resolve_model_dir(ref, allow_pickle=allow_pickle) for n, ref in refs.items()}
         models = {
@@ -132,9 +198,13 @@ class StackedExecutor(SerialExecutor):
             for name, folder in folders.items()
         }
         self.stack = StackedModel(models, first, base)
-        self.model = self.stack.model
-        tokenizer = AutoTokenizer.from_pretrained(folders[base])
-        self.evaluator = Evaluator(self.model, tokenizer, suites)
+        super().__init__(self.stack.model, AutoTokenizer.from_pretrained(folders[base]), suites)
+        self.source_options = {
+            "dtype": dtype,
+            "tokenizer_source": None,
+            "device": device,
+            "allow_pickle": allow_pickle,
+        }
 
-    def _materialize(self, path: list) -> None:
-        self.stack.set_path(path)
+    def _materialize(self, candidate: list) -> None:
+        self.stack.set_path(candidate)

@@ -9,12 +9,11 @@ and the uniform merge on both splits, write it, and write the report.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,12 +23,15 @@ from evomerge.merge.recipe import Recipe
 from evomerge.merge.staging import check_can_create, write_text
 from evomerge.search.config import DfsSpec, PsDfsSpec, SearchRecipe
 from evomerge.search.errors import SearchError
-from evomerge.search.executor import Executor, SerialExecutor, StackedExecutor
+from evomerge.search.executor import Executor
 from evomerge.search.journal import Journal, recipe_hash, redact
 from evomerge.search.lock import output_lock
 from evomerge.search.optimizers import MULTI_OBJECTIVE, check_optimizer, make_optimizer
 from evomerge.search.records import ModelScores, Outcome, SearchSummary, TrialRecord
 from evomerge.search.space import GeneSpace, ParameterSpace
+
+if TYPE_CHECKING:
+    from evomerge.search.stages import StagedSearch
 
 Echo = Callable[[str], None]
 SPLITS = ("fitness", "heldout")
@@ -47,7 +49,7 @@ class Search:
     @classmethod
     def prepare(
         cls, recipe: SearchRecipe, out: Path, *, storage: str | None = None, title: str = "search"
-    ) -> Search:
+    ) -> Search | StagedSearch:
         """Everything that can be checked without loading a model or a dataset."""
         check_optimizer(recipe.optimizer)
         check_can_create(out, SearchError)
@@ -55,9 +57,11 @@ class Search:
         if isinstance(recipe.space, DfsSpec | PsDfsSpec) and recipe.executor == "ray":
             raise SearchError("executor: data-flow searches run with the serial executor for now")
         if isinstance(recipe.space, PsDfsSpec):
+            from evomerge.search.stages import StagedSearch, stage_recipes
+
             ps_stage, _ = stage_recipes(recipe, out)  # the DFS stage needs stage 1's model
             cls.prepare(ps_stage, out / "ps", storage=storage, title=title)
-            return StagedSearch(recipe, out, storage, title)  # type: ignore[return-value]
+            return StagedSearch(recipe, out, storage, title)
         space = make_space(recipe)
         objectives = [entry.task for entry in recipe.fitness.tasks]
         storage = storage or recipe.storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -110,45 +114,13 @@ class Search:
             self.space, recipe.optimizer, journal, budget=budget, seed=recipe.seed
         )
         if executor is None:
-            executor = self._executor(suites)
+            executor = self.space.make_executor(recipe, suites)
         try:
             self._loop(journal, optimizer, executor, echo, progress)
             summary = self._finish(journal, executor, suites, echo, write_model)
         finally:
             executor.close()
         return summary
-
-    def _executor(self, suites: dict[str, TaskSuite]) -> Executor:
-        recipe = self.recipe
-        options = {
-            "device": recipe.device,
-            "seed": recipe.seed,
-            "allow_pickle": recipe.allow_pickle,
-        }
-        if isinstance(recipe.space, DfsSpec):
-            space = self.space
-            return StackedExecutor(
-                space.refs,  # type: ignore[attr-defined]
-                space.names[0],  # type: ignore[attr-defined]
-                space.candidate(space.init()),
-                suites,
-                device=recipe.device,
-                dtype=recipe.merge.dtype,
-                allow_pickle=recipe.allow_pickle,
-            )
-        first = self.space.to_recipe(self.space.init())
-        if recipe.executor == "ray":
-            from evomerge.search.ray_executor import RayExecutor
-
-            return RayExecutor(
-                first,
-                recipe.fitness,
-                workers=recipe.workers,
-                address=recipe.ray_address,
-                threads=recipe.threads,
-                **options,
-            )
-        return SerialExecutor(first, suites, **options)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -289,7 +261,7 @@ class Search:
         echo("scoring the sources, the uniform merge and the best merge on both splits")
         splits = [split for split in SPLITS if split in suites]
         references = [
-            _source_scores(model, self.recipe, suites)
+            _model_scores(source_name(model), "source", executor.score_source(model))
             for model in self.recipe.merge.referenced_models()
         ]
         for name, kind, candidate in self.space.references(best.genome):
@@ -321,95 +293,6 @@ class Search:
             "device": r.device,
             "storage": redact(self.storage),
         }
-
-
-def stage_recipes(
-    recipe: SearchRecipe, out: Path, model_a: str | None = None
-) -> tuple[SearchRecipe, SearchRecipe]:
-    """The two searches of a PS+DFS recipe: the parameter-space one, and the data-flow one over
-    the layers of its best merge (written to out/ps/model, or `model_a`) and the partner."""
-    spec = recipe.space
-    assert isinstance(spec, PsDfsSpec)
-    merge = recipe.merge
-    others = [m.model for m in merge.models or [] if m.model != merge.base_model]
-    partner = spec.partner or (others[0] if others else None)
-    if partner is None:
-        raise SearchError("space.partner: name the model whose layers join the PS merge's")
-    a = model_a or str(out / "ps" / "model")
-    ps = recipe.model_copy(update={"space": spec.ps, "study_name": f"{recipe.study_name}-ps"})
-    dfs_merge = Recipe.model_validate(
-        {
-            "merge_method": "passthrough",
-            "base_model": a,
-            "models": [{"model": a}, {"model": partner}],
-            "dtype": merge.dtype,
-        }
-    )
-    dfs = recipe.model_copy(
-        update={
-            "merge": dfs_merge,
-            "space": spec.dfs,
-            "study_name": f"{recipe.study_name}-dfs",
-        }
-    )
-    return ps, dfs
-
-
-@dataclass
-class StagedSearch:
-    """PS+DFS: a parameter-space search into out/ps, then a data-flow search over its best
-    merge and the partner into out/dfs; out/report.md compares the two on held-out data."""
-
-    recipe: SearchRecipe
-    out: Path
-    storage: str | None
-    title: str
-
-    def run(
-        self, *, resume: bool = False, echo: Echo = print, progress: bool = True
-    ) -> SearchSummary:
-        ps_recipe, dfs_recipe = stage_recipes(self.recipe, self.out)
-        echo("stage 1 of 2: parameter space")
-        ps = Search.prepare(
-            ps_recipe, self.out / "ps", storage=self.storage, title=f"{self.title} PS"
-        )
-        ps_summary = ps.run(resume=resume, echo=echo, progress=progress)
-        partner = dfs_recipe.merge.models[1].model  # type: ignore[index]
-        echo(f"stage 2 of 2: data flow over the PS merge and {partner}")
-        dfs = Search.prepare(
-            dfs_recipe, self.out / "dfs", storage=self.storage, title=f"{self.title} PS+DFS"
-        )
-        summary = dfs.run(resume=resume, echo=echo, progress=progress)
-        write_text(self.out / "report.md", _stages_report(self.title, ps_summary, summary))
-        echo(f"wrote {self.out / 'report.md'}")
-        return summary
-
-
-def _stages_report(title: str, ps: SearchSummary, dfs: SearchSummary) -> str:
-    def best(summary: SearchSummary) -> ModelScores:
-        return next(r for r in summary.references if r.kind == "best")
-
-    a, b = best(ps), best(dfs)
-    rows = ["| stage | best held-out total ± stderr | folder |", "| --- | --- | --- |"]
-    for name, ref, folder in (("PS", a, "ps/"), ("PS+DFS", b, "dfs/")):
-        rows.append(
-            f"| {name} | {ref.heldout_total:.4f} ± {ref.heldout_total_stderr or 0:.4f} | "
-            f"[{folder}report.md]({folder}report.md) |"
-        )
-    margin = math.hypot(a.heldout_total_stderr or 0, b.heldout_total_stderr or 0)
-    gain = (b.heldout_total or 0) - (a.heldout_total or 0)
-    verdict = "beats" if gain > margin else "does not beat"
-    return "\n".join(
-        [
-            f"# {title}: PS+DFS",
-            "",
-            *rows,
-            "",
-            f"PS+DFS **{verdict}** PS on held-out data: {gain:+.4f} against a combined stderr "
-            f"of {margin:.4f}.",
-            "",
-        ]
-    )
 
 
 def check_before_loading(recipe: SearchRecipe) -> None:
@@ -475,29 +358,13 @@ def make_space(recipe: SearchRecipe) -> GeneSpace:
     return ParameterSpace(recipe.merge, recipe.space, num_layers(recipe))
 
 
-def _source_scores(model: str, recipe: SearchRecipe, suites: dict[str, TaskSuite]) -> ModelScores:
-    """A source model scored in a model of its own (its dtype or vocabulary may differ)."""
-    from evomerge.evals.evaluator import Evaluator
-    from evomerge.merge.resident import ResidentMerger
-
-    single = Recipe.model_validate(
-        {
-            "merge_method": "passthrough",
-            "models": [{"model": model}],
-            "dtype": recipe.merge.dtype,
-            "tokenizer_source": recipe.merge.effective_tokenizer_source,
-        }
-    )
-    merger = ResidentMerger(single, device=recipe.device, allow_pickle=recipe.allow_pickle)
-    evaluator = Evaluator(merger.build_model(), merger.tokenizer(), suites)
-    try:
-        results = {split: evaluator.score(split) for split in SPLITS if split in suites}
-    finally:
-        evaluator.close()
+def source_name(model: str) -> str:
+    """How reports call a source: its folder's name (`ps/model` for a stage's merge), or the
+    reference as written for a Hub model."""
     path = Path(model)
-    name = "/".join(path.parts[-2:]) if path.name == "model" else path.name  # a stage's merge
-    name = name if path.exists() else model
-    return _model_scores(name, "source", results)
+    if not path.exists():
+        return model
+    return "/".join(path.parts[-2:]) if path.name == "model" else path.name
 
 
 def _model_scores(name: str, kind: str, results: dict[str, EvalResult]) -> ModelScores:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from evomerge.search.config import OptimizerSpec
 from evomerge.search.errors import SearchError
 from evomerge.search.journal import Journal
 from evomerge.search.records import Outcome, TrialRecord
-from evomerge.search.space import ParameterSpace
+from evomerge.search.space import GeneSpace
 
 WORST_LOSS = 1e9  # what a failed candidate tells a minimizing optimizer (CMA-ES ranks only)
 OPTUNA_SAMPLERS = (
@@ -44,6 +44,31 @@ class Proposal:
     genome: list[float]
     handle: Any = None  # the optimizer's own object (a Nevergrad candidate, an Optuna trial)
     done: TrialRecord | None = None  # already evaluated in an earlier run: tell, do not evaluate
+
+
+class Optimizer(Protocol):
+    """What the search loop asks of an optimizer (both backends implement it). One generation:
+
+        n = opt.next_batch()                 # how many to ask now (the rest of a generation)
+        proposals = opt.ask(n)               # proposals already `done` in an earlier run are
+        for p, outcome in evaluated:         #   not evaluated again
+            opt.record(p, outcome, recipe)   # into the journal, as each finishes
+        for p in proposals:
+            opt.tell(p, outcome)             # the whole generation, in proposal order
+
+    `proposed` counts the trials asked so far, resumed ones included (the budget's measure).
+    """
+
+    @property
+    def proposed(self) -> int: ...
+
+    def next_batch(self) -> int: ...
+
+    def ask(self, n: int) -> list[Proposal]: ...
+
+    def record(self, proposal: Proposal, outcome: Outcome, recipe: str) -> None: ...
+
+    def tell(self, proposal: Proposal, outcome: Outcome) -> None: ...
 
 
 def default_population(n_genes: int) -> int:
@@ -101,7 +126,7 @@ def _check_options(options: dict, target: Any, what: str) -> None:
 class NevergradOptimizer:
     def __init__(
         self,
-        space: ParameterSpace,
+        space: GeneSpace,
         spec: OptimizerSpec,
         journal: Journal,
         *,
@@ -210,7 +235,7 @@ def seeded_per_trial(make, seed: int):
 
 
 class OptunaOptimizer:
-    def __init__(self, space: ParameterSpace, spec: OptimizerSpec, journal: Journal, *, seed: int):
+    def __init__(self, space: GeneSpace, spec: OptimizerSpec, journal: Journal, *, seed: int):
         self.space, self.journal, self.spec, self.seed = space, journal, spec, seed
         self.population = spec.population or default_population(len(space))
         self.pending = journal.orphaned()
@@ -289,8 +314,8 @@ class OptunaOptimizer:
 
 
 def make_optimizer(
-    space: ParameterSpace, spec: OptimizerSpec, journal: Journal, *, budget: int | None, seed: int
-) -> NevergradOptimizer | OptunaOptimizer:
+    space: GeneSpace, spec: OptimizerSpec, journal: Journal, *, budget: int | None, seed: int
+) -> Optimizer:
     check_optimizer(spec)
     if spec.backend == "nevergrad":
         return NevergradOptimizer(space, spec, journal, budget=budget, seed=seed)

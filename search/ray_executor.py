@@ -49,6 +49,9 @@ class _Worker:
     def score(self, recipe: Recipe, split: str) -> EvalResult:
         return self.executor.score(recipe, split)
 
+    def score_source(self, model: str) -> dict[str, EvalResult]:
+        return self.executor.score_source(model)
+
 
 class RayExecutor:
     def __init__(
@@ -145,6 +148,13 @@ class RayExecutor:
 
     def score(self, recipe: Recipe, split: str) -> EvalResult:
         """One recipe on one split, on whichever worker answers (one may be restarting)."""
+        return self._on_a_worker("score", recipe, split)
+
+    def score_source(self, model: str) -> dict[str, EvalResult]:
+        """A source model on a worker, where its weights are loaded (a GPU, under Ray)."""
+        return self._on_a_worker("score_source", model)
+
+    def _on_a_worker(self, method: str, *args: Any) -> Any:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -153,12 +163,12 @@ class RayExecutor:
             if self.deaths[worker] > MAX_RESTARTS:
                 continue
             try:
-                return ray.get(self.actors[worker].score.remote(recipe, split))
+                return ray.get(getattr(self.actors[worker], method).remote(*args))
             except ActorUnavailableError:
                 time.sleep(0.5)
             except RayActorError:
                 self.deaths[worker] += 1
-        raise SearchError("executor ray: no worker could score the merge; see the Ray logs")
+        raise SearchError(f"executor ray: no worker could run {method}; see the Ray logs")
 
     def close(self) -> None:
         import ray

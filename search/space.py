@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.methods import MergeMethod, Scope, get_method
 from evomerge.merge.parameters import evaluate_setting
 from evomerge.merge.recipe import Recipe
-from evomerge.search.config import SpaceSpec
+from evomerge.search.config import SearchRecipe, SpaceSpec
 from evomerge.search.errors import SearchError
 from evomerge.search.records import Gene
+
+if TYPE_CHECKING:
+    from evomerge.evals.suite import TaskSuite
+    from evomerge.search.executor import Executor
 
 OTHER = "*"  # the filter label of tensors that match none of the space's filters
 
@@ -72,6 +76,10 @@ class GeneSpace:
     def candidate(self, genome: Sequence[float]) -> Any:
         """What the executor evaluates: the recipe itself for a parameter-space search."""
         return self.to_recipe(genome)
+
+    def make_executor(self, recipe: SearchRecipe, suites: dict[str, TaskSuite]) -> Executor:
+        """The executor that runs this space's candidates."""
+        raise NotImplementedError
 
     def references(self, best: Sequence[float]) -> list[tuple[str, str, Any]]:
         """(name, kind, candidate) of the merges the best one is judged against, and the best."""
@@ -145,6 +153,29 @@ class ParameterSpace(GeneSpace):
                 f"space.models: {template.base_model} is the base model, which has no {param} "
                 f"in {self.method.name} (only the other models do); leave it out"
             )
+
+    def make_executor(self, recipe: SearchRecipe, suites: dict[str, TaskSuite]) -> Executor:
+        """Recipes materialized in place: in this process, or on Ray workers."""
+        first = self.to_recipe(self.init())
+        options = {
+            "device": recipe.device,
+            "seed": recipe.seed,
+            "allow_pickle": recipe.allow_pickle,
+        }
+        if recipe.executor == "ray":
+            from evomerge.search.ray_executor import RayExecutor
+
+            return RayExecutor(
+                first,
+                recipe.fitness,
+                workers=recipe.workers,
+                address=recipe.ray_address,
+                threads=recipe.threads,
+                **options,
+            )
+        from evomerge.search.executor import SerialExecutor
+
+        return SerialExecutor(first, suites, **options)
 
     @staticmethod
     def _layer_groups(spec: SpaceSpec, num_layers: int | None) -> list[tuple[int, int] | None]:

@@ -5,6 +5,7 @@ traceback, and nothing written. (Header and shard-index cases: test_weights.py.)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -383,3 +384,19 @@ def test_the_corpus_is_large_enough():
     here = len(MERGE_CASES) + 2 + 1 + 2 * len(SEARCH_CASES) + 1 + len(EVAL_CASES)
     there = len(test_weights.HEADERS) + 5 + 3 + 5
     assert here + there >= 60, (here, there)
+
+
+def test_an_output_folder_without_write_permission_is_refused_first(fam, tmp_path, monkeypatch):
+    """As root every folder is writable, so the permission answer is forced here: the check
+    runs before any work and names the folder."""
+    from evomerge.merge.errors import MergeError
+    from evomerge.merge.materialize import run_merge
+    from evomerge.merge.recipe import load_recipe
+
+    recipe = merge_recipe(fam, tmp_path / "r.yaml")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
+    with pytest.raises(MergeError, match=r"cannot write in .*locked"):
+        run_merge(load_recipe(recipe), locked / "out", device="cpu", progress=False)
+    assert list(locked.iterdir()) == []

@@ -426,3 +426,19 @@ def test_a_file_name_with_a_newline_is_refused(model_dir):
     with pytest.raises(MergeError, match="control character") as err:
         _dry_run(model_dir)
     assert "\n" not in str(err.value)
+
+
+def test_an_index_whose_shards_lie_outside_the_folder_is_refused(model_dir, tmp_path):
+    """Every shard moved out and the index pointed at it: the folder would be published with no
+    weights at all (and the outside files read)."""
+    index_file = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for shard in set(index["weight_map"].values()):
+        (model_dir / shard).rename(outside / shard)
+    index["weight_map"] = {k: f"../elsewhere/{v}" for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(MergeError, match="outside") as err:
+        _dry_run(model_dir)
+    assert "\n" not in str(err.value)
