@@ -18,6 +18,7 @@ from evomerge.merge.card import model_card
 from evomerge.merge.chat_template import resolve_chat_template
 from evomerge.merge.compute import compute_task, input_tensors, resolve_device
 from evomerge.merge.errors import MergeError
+from evomerge.merge.layers import layered_config
 from evomerge.merge.plan import MergePlan, build_plan
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.staging import check_can_create, staged_dir
@@ -136,14 +137,9 @@ def write_weights(
 
 
 def output_config(plan: MergePlan) -> dict:
-    config = json.loads(json.dumps(plan.checkpoints[plan.config_model].config))
+    configs = {ref: ckpt.config for ref, ckpt in plan.checkpoints.items()}
+    config = layered_config(configs[plan.config_model], plan.layer_sources, configs)
     text = config.get("text_config") or config
-    source_layers = {
-        ref: (ckpt.text_config.get("layer_types") or []) for ref, ckpt in plan.checkpoints.items()
-    }
-    text["num_hidden_layers"] = plan.num_layers
-    if "layer_types" in text:
-        text["layer_types"] = [source_layers[m][i] for m, i in plan.layer_sources]
     if plan.vocabulary is not None:
         text["vocab_size"] = plan.vocabulary.size
     dtypes = {t.out_dtype for t in plan.tasks if t.out_dtype.is_floating_point}

@@ -8,7 +8,6 @@ read or computed.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 
 from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import MergeError
+from evomerge.merge.layers import layer_of
 from evomerge.merge.methods import MergeMethod, get_method
 from evomerge.merge.methods.sparsify import sparsity_problem
 from evomerge.merge.parameters import check_parameter_names, resolve_tensor_parameters
@@ -23,7 +23,6 @@ from evomerge.merge.recipe import OutputSlice, Parameters, Recipe, SourceSlice
 from evomerge.merge.refs import resolve_model_dir
 from evomerge.merge.vocab import Vocabulary, build_vocabulary
 
-_LAYER = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -180,10 +179,10 @@ def _check_slice(out_slice: OutputSlice, checkpoints: dict[str, Checkpoint], whe
 def _layer_layout(ckpt: Checkpoint) -> LayerLayout:
     by_prefix: dict[str, dict[int, list[str]]] = {}
     for name in ckpt.tensors:
-        match = _LAYER.match(name)
-        if match:
-            layers = by_prefix.setdefault(match["prefix"], {})
-            layers.setdefault(int(match["index"]), []).append(match["rest"])
+        parts = layer_of(name)
+        if parts:
+            prefix, index, rest = parts
+            by_prefix.setdefault(prefix, {}).setdefault(index, []).append(rest)
     expected = set(range(ckpt.num_layers))
     for prefix, layers in by_prefix.items():
         if set(layers) == expected:

@@ -24,7 +24,6 @@ import json
 import math
 import numbers
 import pathlib
-import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from torch import nn
 
 from evomerge.merge.checkpoint import Checkpoint
 from evomerge.merge.errors import MergeError
+from evomerge.merge.layers import layer_of, layer_types, layered_config
 from evomerge.merge.materialize import (
     TOKENIZER_FILES,
     check_finite,
@@ -48,7 +48,6 @@ from evomerge.merge.writer import Entry, ShardedWriter, parse_size
 FOLDED = ("o_proj", "down_proj")
 """The residual-branch output projections that carry 1 / c_k in an export."""
 _SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-_LAYER = re.compile(r"^(?P<prefix>.*layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 PATH_FILE = "evomerge_path.json"
 
 
@@ -130,17 +129,6 @@ def _check_compatible(configs: Mapping[str, dict[str, Any]]) -> None:
         )
 
 
-def _layer_types(path: list[Hop], configs: Mapping[str, Any]) -> list[str] | None:
-    """The stacked `layer_types`: each hop keeps its source layer's type; None when unused."""
-    sources = {
-        ref: c.get("layer_types") if isinstance(c, dict) else getattr(c, "layer_types", None)
-        for ref, c in configs.items()
-    }
-    if all(types is None for types in sources.values()):
-        return None
-    return [sources[hop.model][hop.layer] for hop in path]
-
-
 # ---------------------------------------------------------------------------------------------
 # In memory
 
@@ -218,7 +206,7 @@ class StackedModel:
         config = copy.deepcopy(source.config)
         config.num_hidden_layers = len(self.path)
         if getattr(config, "layer_types", None) is not None:
-            config.layer_types = _layer_types(self.path, self._configs())
+            config.layer_types = layer_types(_sources(self.path), self._configs())
         with torch.device("meta"):  # a skeleton: every module with weights is replaced below
             model = type(source)(config)
         inner, source_inner = _decoder(model), _decoder(source)
@@ -247,7 +235,7 @@ class StackedModel:
         )
         model.config.num_hidden_layers = len(self.path)
         if getattr(model.config, "layer_types", None) is not None:
-            model.config.layer_types = _layer_types(self.path, self._configs())
+            model.config.layer_types = layer_types(_sources(self.path), self._configs())
             if hasattr(inner, "has_sliding_layers"):  # Qwen2 caches this at construction
                 inner.has_sliding_layers = "sliding_attention" in model.config.layer_types
 
@@ -276,10 +264,10 @@ def _export_names(
     for ref in dict.fromkeys([base, *(h.model for h in path)]):
         by_index = layers.setdefault(ref, {})
         for name in names[ref]:
-            match = _LAYER.match(name)
-            if match:
-                prefix = match["prefix"]
-                by_index.setdefault(int(match["index"]), []).append(match["rest"])
+            parts = layer_of(name)
+            if parts and parts[0].endswith("layers"):
+                prefix = parts[0]
+                by_index.setdefault(parts[1], []).append(parts[2])
             elif ref == base:
                 outer.append(name)
     yield from ((n, base, n, None) for n in outer if "embed" in n)
@@ -309,17 +297,15 @@ def export_state_dict(
     }
 
 
+def _sources(path: list[Hop]) -> list[tuple[str, int]]:
+    return [(hop.model, hop.layer) for hop in path]
+
+
 def stacked_config(
     configs: Mapping[str, dict[str, Any]], path: list[Hop], base: str
 ) -> dict[str, Any]:
     """The base's config.json with num_hidden_layers (and layer_types) following the path."""
-    config = json.loads(json.dumps(configs[base]))
-    text = config.get("text_config") or config
-    text["num_hidden_layers"] = len(path)
-    texts = {ref: c.get("text_config") or c for ref, c in configs.items()}
-    if "layer_types" in text:
-        text["layer_types"] = _layer_types(path, texts)
-    return config
+    return layered_config(configs[base], _sources(path), configs)
 
 
 def write_checkpoint(
