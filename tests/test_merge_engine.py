@@ -424,29 +424,36 @@ def _bad_cases(llama, mistral, tmp_path: Path) -> dict[str, tuple[str, str, list
     }
 
 
-def test_cli_bad_inputs(llama, mistral, tmp_path, monkeypatch, capsys):
+BAD_CASES = [
+    "malformed", "method", "parameter", "no_safetensors", "pickle", "shapes", "architectures",
+    "layer_range", "exists", "hub_offline", "missing_recipe",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_CASES)
+def test_cli_bad_inputs(name, llama, mistral, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for name, (text, expected, extra) in _bad_cases(llama, mistral, tmp_path).items():
-        work = tmp_path / name
-        work.mkdir()
-        recipe = work / "recipe.yaml"
-        if "missing" not in extra:
-            recipe.write_text(text)
-        out = work / "out"
-        if "exists" in extra:
-            out.mkdir()
-            (out / "mine.txt").write_text("keep")
-        code, err = run_cli(
-            ["merge", str(recipe), str(out), "--device", "cpu"], monkeypatch, capsys
-        )
-        assert code == 2, name
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
-        assert expected in lines[0], (name, lines[0])
-        if "exists" in extra:
-            assert [p.name for p in out.iterdir()] == ["mine.txt"]
-        else:
-            assert not out.exists(), name
-        assert sorted(p.name for p in work.iterdir()) == sorted(
-            ["recipe.yaml", "out"][: 1 + ("exists" in extra)] if "missing" not in extra else []
-        ), name
+    cases = _bad_cases(llama, mistral, tmp_path)
+    assert sorted(cases) == sorted(BAD_CASES)
+    text, expected, extra = cases[name]
+    work = tmp_path / name
+    work.mkdir()
+    recipe = work / "recipe.yaml"
+    if "missing" not in extra:
+        recipe.write_text(text)
+    out = work / "out"
+    if "exists" in extra:
+        out.mkdir()
+        (out / "mine.txt").write_text("keep")
+    code, err = run_cli(["merge", str(recipe), str(out), "--device", "cpu"], monkeypatch, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], lines[0]
+    if "exists" in extra:
+        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in work.iterdir()) == sorted(
+        ["recipe.yaml", "out"][: 1 + ("exists" in extra)] if "missing" not in extra else []
+    )

@@ -170,7 +170,11 @@ slices:
 tokenizer_source: union
 """
     )
-    MergeConfiguration.model_validate(yaml.safe_load(recipe.to_yaml()))
+    theirs = MergeConfiguration.model_validate(yaml.safe_load(recipe.to_yaml()))
+    assert [s.sources[0].model.model.path for s in theirs.slices] == ["org/a", "org/b"]
+    assert [s.sources[0].layer_range for s in theirs.slices] == [(0, 4), (2, 6)]
+    assert theirs.slices[0].sources[0].parameters == {"scale": 0.5}
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe  # and our own writer round-trips
 
 
 def test_written_recipes_mark_relative_local_models(tmp_path, monkeypatch):

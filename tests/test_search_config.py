@@ -119,10 +119,19 @@ def test_unknown_optimizer(spec, expected):
     assert "\n" not in str(exc.value) and str(exc.value).startswith("optimizer.")
 
 
-def test_known_optimizers_pass():
-    check_optimizer(OptimizerSpec())  # nevergrad CMA
+@pytest.mark.parametrize(
+    "spec, option",
+    [
+        ({}, "popsize"),  # nevergrad CMA
+        ({"backend": "optuna", "name": "TPESampler"}, "n_startup_trials"),
+        ({"backend": "optuna", "name": "CmaEsSampler"}, "popsize"),
+    ],
+)
+def test_known_optimizers_and_their_options_pass_and_a_typo_does_not(spec, option):
+    check_optimizer(OptimizerSpec(**spec, options={option: 4}))
+    with pytest.raises(SearchError, match=f"did you mean {option}"):
+        check_optimizer(OptimizerSpec(**spec, options={option[:-1] + "z": 4}))
     check_optimizer(OptimizerSpec(name="NGOpt"))
-    check_optimizer(OptimizerSpec(backend="optuna", name="TPESampler"))
 
 
 def test_fitness_file_is_read_relative_to_the_recipe(tmp_path):
