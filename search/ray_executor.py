@@ -43,8 +43,9 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, recipe: Recipe) -> Outcome:
-        return next(self.executor.evaluate([recipe]))
+    def evaluate(self, recipe: Recipe) -> tuple[int, Outcome]:
+        """The outcome, with this process's id (a restarted worker has a new one)."""
+        return os.getpid(), next(self.executor.evaluate([recipe]))
 
     def score(self, recipe: Recipe, split: str) -> EvalResult:
         return self.executor.score(recipe, split)
@@ -140,7 +141,7 @@ class RayExecutor:
             if candidate is None:
                 self.pids[worker] = result
             else:
-                done[candidate] = result
+                self.pids[worker], done[candidate] = result
             idle.append(worker)
             while next_out in done:
                 yield done.pop(next_out)
