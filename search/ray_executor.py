@@ -155,6 +155,21 @@ class RayExecutor:
         """A source model on a worker, where its weights are loaded (a GPU, under Ray)."""
         return self._on_a_worker("score_source", model)
 
+    def _refresh_restarted_pids(self, seconds: float = 60.0) -> None:
+        """`pids` names the processes that ran last: a worker Ray restarted after the search's
+        last call to it is asked for its new pid (for the record and for tests)."""
+        import ray
+
+        pending = [w for w, deaths in self.deaths.items() if 0 < deaths <= MAX_RESTARTS]
+        deadline = time.monotonic() + seconds
+        while pending and time.monotonic() < deadline:
+            worker = pending[0]
+            try:
+                self.pids[worker] = ray.get(self.actors[worker].pid.remote(), timeout=5)
+                pending.pop(0)
+            except Exception:  # still restarting, or gone for good
+                time.sleep(0.5)
+
     def _on_a_worker(self, method: str, *args: Any) -> Any:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
@@ -174,6 +189,7 @@ class RayExecutor:
     def close(self) -> None:
         import ray
 
+        self._refresh_restarted_pids()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if self._started:

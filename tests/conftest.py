@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from families import TinyFamily, build_tiny_family
 
 
@@ -27,6 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 def demo_family() -> Path:
     """The trained demo family as shipped in demo/family (tests read it, never write it)."""
     return REPO / "demo" / "family"
+
+
+@pytest.fixture(scope="module")
+def offline_single_thread():
+    """No downloads; and one thread, set before module fixtures score anything: with tiny
+    matrices a second intra-op thread only adds synchronization (on a busy machine, a lot)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

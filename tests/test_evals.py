@@ -4,10 +4,7 @@ with `lm-eval run`, and the one-line errors for bad tasks, metrics, data and off
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,9 +12,9 @@ import pytest
 import torch
 import yaml
 from families import build_tiny_family
+from helpers import assert_all_agree, error_line, run_cli
 from lm_eval.api.instance import Instance
 
-from evomerge import cli
 from evomerge.evals.catalog import TaskCatalog
 from evomerge.evals.errors import EvalError
 from evomerge.evals.evaluator import Evaluator
@@ -29,18 +26,7 @@ from evomerge.evals.suite import prepare_suites, suite_from_names
 from evomerge.merge.recipe import parse_recipe
 from evomerge.merge.resident import ResidentMerger
 
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_single_thread():
-    """No downloads; and one thread, set before module fixtures score anything: with tiny
-    matrices a second intra-op thread only adds synchronization (on a busy machine, a lot)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -253,94 +239,6 @@ def test_greedy_fast_path_pads_after_end_of_sequence(family):
 
 # ---------------------------------------------------------------------------------------------
 # evomerge eval: a folder, the same weights in memory, and plain `lm-eval run` agree
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["evomerge", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
-
-
-def error_line(stderr: str) -> str:
-    """The CLI's error: one line, the last on stderr (progress bars may come before it)."""
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and stderr.endswith(errors[0] + "\n"), stderr
-    assert "Traceback" not in stderr, stderr
-    return errors[0]
-
-
-def cli_eval(model: Path, out: Path, tasks: str, include: Path, monkeypatch, capsys, *extra):
-    """`evomerge eval` through main(); returns its JSON."""
-    args = ["eval", str(model), "--tasks", tasks, "--include-path", str(include), "--device", "cpu"]
-    args += ["--output", str(out), "--log-samples", *extra]
-    code, stdout, _ = run_cli(args, monkeypatch, capsys)
-    assert code in (0, None)
-    assert "exact_match" in stdout and "±" in stdout
-    return json.loads(out.read_text())
-
-
-def lm_eval_run(model: Path, tasks: str, include: Path, out: Path, *extra: str) -> dict:
-    """Plain `lm-eval run` in a subprocess; returns its results JSON with `samples` added."""
-    command = [
-        sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-        "--model_args", f"pretrained={model}", "--device", "cpu", "--tasks", tasks,
-        "--include_path", str(include), "--output_path", str(out), "--log_samples", *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
-    results = json.loads(next(out.glob("**/results_*.json")).read_text())
-    results["samples"] = {
-        task: [json.loads(line) for line in next(out.glob(f"**/samples_{task}_*.jsonl")).open()]
-        for task in results["results"]
-    }
-    return results
-
-
-def sample_outputs(samples: list[dict]) -> list[tuple]:
-    return sorted((s["doc_id"], s["filtered_resps"][0], s["exact_match"]) for s in samples)
-
-
-def assert_all_agree(
-    recipe: Path,
-    tasks: str,
-    include: Path,
-    batch_size: int,
-    limit: int,
-    tmp_path,
-    monkeypatch,
-    capsys,
-) -> dict:
-    """Merge `recipe` to a folder; score the folder and the recipe in memory with `evomerge eval`,
-    and the folder with `lm-eval run`: the same metrics, stderrs and per-document outputs."""
-    merged = tmp_path / "merged"
-    code, _, _ = run_cli(
-        ["merge", str(recipe), str(merged), "--device", "cpu"], monkeypatch, capsys
-    )
-    assert code in (0, None)
-    ours_args = ["--batch-size", str(batch_size), "--limit", str(limit)]
-    from_dir = cli_eval(
-        merged, tmp_path / "dir.json", tasks, include, monkeypatch, capsys, *ours_args
-    )
-    in_memory = cli_eval(
-        recipe, tmp_path / "mem.json", tasks, include, monkeypatch, capsys, *ours_args
-    )
-    assert from_dir["model"].startswith("dir:") and in_memory["model"].startswith("recipe:")
-    theirs_args = ["--batch_size", str(batch_size), "--limit", str(limit)]
-    reference = lm_eval_run(merged, tasks, include, tmp_path / "lm_eval", *theirs_args)
-    ours = from_dir["tasks"]
-    assert ours["scores"] == in_memory["tasks"]["scores"]
-    assert {s["task"] for s in ours["scores"]} == set(tasks.split(","))
-    for score in ours["scores"]:
-        row = reference["results"][score["task"]]
-        key = f"{score['metric']},{score['filter']}"
-        assert (score["value"], score["stderr"]) == (row[key], row[key.replace(",", "_stderr,")])
-        assert score["n"] == reference["n-samples"][score["task"]]["effective"]
-        outputs = sample_outputs(ours["samples"][score["task"]])
-        assert outputs == sample_outputs(in_memory["tasks"]["samples"][score["task"]])
-        assert outputs == sample_outputs(reference["samples"][score["task"]])
-    return ours
 
 
 @pytest.mark.slow

@@ -8,11 +8,7 @@ import json
 import pytest
 import yaml
 from build_family import write_task_data
-from test_evals import (  # offline_single_thread is autouse here too
-    assert_all_agree,
-    offline_single_thread,  # noqa: F401
-    run_cli,
-)
+from helpers import assert_all_agree, run_cli
 
 from evomerge.evals.catalog import BUNDLED_TASKS
 from evomerge.evals.evaluator import Evaluator
@@ -20,6 +16,7 @@ from evomerge.evals.models import load_candidate
 from evomerge.evals.spec import FitnessSpec, load_fitness_spec
 from evomerge.evals.suite import prepare_suites
 
+pytestmark = pytest.mark.usefixtures("offline_single_thread")
 SKILLS = ("skill_a", "skill_b", "combined")
 DEMO_TASKS = BUNDLED_TASKS / "demo"
 DEMO_SPEC = BUNDLED_TASKS.parent / "specs" / "demo.yaml"

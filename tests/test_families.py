@@ -9,17 +9,12 @@ import build_family as demo
 import pytest
 import torch
 from families import EXTRA_PER_EXPERT, build_tiny_family, reshard
-from safetensors.torch import load_file
+from helpers import load_weights as weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "evals" / "tasks" / "demo" / "data"
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:

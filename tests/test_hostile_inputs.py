@@ -377,15 +377,6 @@ def test_eval_refuses(case, fam, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "result.json").exists()
 
 
-def test_the_corpus_is_large_enough():
-    """The issue's bar: at least 60 hostile cases across this file and test_weights.py."""
-    import test_weights
-
-    here = len(MERGE_CASES) + 2 + 1 + 2 * len(SEARCH_CASES) + 1 + len(EVAL_CASES)
-    there = len(test_weights.HEADERS) + 5 + 3 + 5
-    assert here + there >= 60, (here, there)
-
-
 def test_an_output_folder_without_write_permission_is_refused_first(fam, tmp_path, monkeypatch):
     """As root every folder is writable, so the permission answer is forced here: the check
     runs before any work and names the folder."""

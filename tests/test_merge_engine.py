@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from families import build_tiny_family, reshard
-from safetensors.torch import load_file, save_file
+from helpers import load_weights as weights
+from safetensors.torch import save_file
 
 from evomerge import cli
 from evomerge.merge import materialize
@@ -29,11 +30,6 @@ def mistral(tmp_path_factory):
     return build_tiny_family(tmp_path_factory.mktemp("mistral"), arch="mistral", seed=1)
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def merge(tmp_path: Path, data: dict, name: str = "out", **kwargs) -> dict[str, torch.Tensor]:

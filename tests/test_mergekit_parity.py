@@ -29,10 +29,10 @@ import mergekit.sparsify as mergekit_sparsify
 import pytest
 import torch
 from families import TinyFamily, build_tiny_family
+from helpers import load_weights
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge as mergekit_run_merge
 from mergekit.options import MergeOptions
-from safetensors.torch import load_file
 
 from evomerge.merge.materialize import run_merge
 from evomerge.merge.recipe import parse_recipe
@@ -118,12 +118,8 @@ def run_evomerge(config: dict[str, Any], out_dir: Path, seed: int = 0) -> Path:
 
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    assert files, f"{model_dir}: no safetensors written"
-    for file in files:
-        tensors.update(load_file(file))
-    return tensors
+    assert any(model_dir.glob("*.safetensors")), f"{model_dir}: no safetensors written"
+    return load_weights(model_dir)
 
 
 def load_config(model_dir: Path) -> dict[str, Any]:

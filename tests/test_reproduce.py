@@ -20,6 +20,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 import yaml
+from helpers import load_weights
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge as mergekit_run_merge
 from mergekit.options import MergeOptions
@@ -97,11 +98,6 @@ def error_of(source: Path | str, **kwargs: Any) -> str:
     return message
 
 
-def load_all(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in folder.glob("*.safetensors"):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def shard_of(folder: Path, name: str) -> Path:
@@ -222,7 +218,7 @@ def test_out_keeps_the_rebuild_and_the_temporary_one_is_removed(tiny_family, tmp
     assert report is None and "verify" not in output and f"wrote {out}" in output
     assert list(temp.iterdir()) == []
     assert (out / RECIPE_FILE).read_text() == (published / RECIPE_FILE).read_text()
-    ours, theirs = load_all(out), load_all(published)
+    ours, theirs = load_weights(out), load_weights(published)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_search_loop import mergekit_offline, write_recipe
+from helpers import mergekit_offline, write_recipe
 
 from evomerge.merge.recipe import parse_recipe
 from evomerge.merge.stacking import Hop

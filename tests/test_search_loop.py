@@ -13,77 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
 import yaml
+from helpers import content, mergekit_offline, run, trials_of, write_recipe
 
 from evomerge.search.config import load_search_recipe
 from evomerge.search.errors import SearchError
 from evomerge.search.loop import Search
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_recipe(path: Path, family: Path, **overrides) -> Path:
-    """A small search recipe over the demo family (fitness on 60 rows: fast)."""
-    recipe = {
-        "merge": {
-            "merge_method": "dare_ties",
-            "base_model": str(family / "base"),
-            "models": [{"model": str(family / "expert_a")}, {"model": str(family / "expert_b")}],
-            "dtype": "float32",
-        },
-        "space": {
-            "parameters": {
-                "weight": {"low": 0, "high": 1, "init": 0.5},
-                "density": {"low": 0.1, "high": 1, "init": 0.5},
-            },
-            "layer_granularity": 2,
-        },
-        "fitness": {
-            "tasks": [
-                {
-                    "task": "demo_combined",
-                    "metric": "exact_match",
-                    "rows": "0:60",
-                    "heldout": {"task": "demo_combined_heldout", "rows": "0:60"},
-                }
-            ],
-            "batch_size": 60,
-        },
-        "budget": {"evaluations": 16},
-        "optimizer": {"name": "CMA", "population": 4},
-        "seed": 3,
-        "device": "cpu",
-    }
-    for key, value in overrides.items():
-        recipe[key] = value
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def trials_of(out: Path) -> list[optuna.trial.FrozenTrial]:
-    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{out / 'study.db'}")
-    return sorted(study.get_trials(), key=lambda t: t.number)
-
-
-def content(trial: optuna.trial.FrozenTrial) -> tuple:
-    attrs = trial.user_attrs
-    return (
-        trial.number,
-        trial.state.name,
-        tuple(sorted(trial.params.items())),
-        tuple(trial.values or ()),
-        tuple(sorted(attrs.get("scores", {}).items())),
-        attrs.get("generation"),
-        attrs.get("recipe"),
-    )
-
-
-def run(recipe_path: Path, out: Path, **kwargs):
-    search = Search.prepare(load_search_recipe(recipe_path), out)
-    return search.run(echo=lambda _: None, progress=False, **kwargs)
 
 
 def readme_demo_tables() -> tuple[dict[str, tuple[float, float]], dict[int, tuple[str, str]]]:
@@ -116,19 +55,6 @@ def printed(value: tuple[float, float | None]) -> str:
 def test_the_readme_has_its_demo_tables():
     assert set(README_SOURCES) == {"base", "expert_a", "expert_b"}
     assert len(README_SEEDS) >= 3
-
-
-def mergekit_offline(recipe: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess:
-    """`mergekit-yaml RECIPE OUT` with no network: the recipe must name only local models."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    tool = Path(sys.executable).with_name("mergekit-yaml")
-    return subprocess.run(
-        [str(tool), str(recipe), str(out)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from test_search_loop import content, run, trials_of, write_recipe
+from helpers import content, run, trials_of, write_recipe
 
 from evomerge.search.config import load_search_recipe
 from evomerge.search.loop import Search

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from families import build_tiny_family
-from safetensors.torch import load_file
+from helpers import load_weights as weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -63,11 +63,6 @@ def sources(family, **overrides) -> dict:
     return {"A": load(family.base, **overrides), "B": load(family.experts[0], **overrides)}
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
