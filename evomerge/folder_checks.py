@@ -5,13 +5,17 @@ recipe that rebuilds it. A search output folder publishes its `model/` with its 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from evomerge.merge.architecture import expected_tensors, meta_model
 from evomerge.merge.errors import MergeError, first_line
 from evomerge.merge.materialize import MERGEKIT_FILE, RECIPE_FILE, TOKENIZER_FILES
-from evomerge.merge.recipe import read_text
+from evomerge.merge.recipe import Recipe, parse_recipe, parse_yaml, read_text
 from evomerge.merge.weights import INDEX_FILE, SINGLE_FILE, WeightIndex, file_in_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -23,6 +27,11 @@ PLOTS = {  # search plots (search/report.py) and their captions
     "pareto.png": "Pareto front",
 }
 SCORES_FILE = "scores.json"
+README_FILE = "README.md"
+SEED_HEADER = re.compile(r"#\s*made by evomerge with --seed (\d+)")
+README_SEED = re.compile(r"evomerge merge \S+ \S+ --seed (\d+)")  # the line evomerge's card has
+YAML_BLOCK = re.compile(r"^```ya?ml[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+INPUT_KEYS = {"models", "slices", "modules"}
 
 
 def locate(folder: Path) -> tuple[Path, Path | None]:
@@ -145,14 +154,62 @@ def model_expected_tensors(model_dir: Path) -> tuple[dict[str, tuple[int, ...]],
     return expected_tensors(meta_model(config, str(config_file)))
 
 
-def read_recipe(model_dir: Path) -> tuple[Path, str]:
-    for name in (RECIPE_FILE, MERGEKIT_FILE):
-        if (model_dir / name).is_file():
-            return model_dir / name, read_text(model_dir / name, "recipe")
+@dataclass(frozen=True)
+class FoundRecipe:
+    recipe: Recipe
+    origin: str  # the file (and README block) it came from, for messages
+    seed: int | None  # the seed recorded beside it, if any
+    file: Path  # the file it was read from
+    text: str  # that file's text
+
+
+
+def find_recipe(folder: Path, name: str | None = None, *, card: bool = True) -> FoundRecipe:
+    """The recipe of a merge folder (`name` is how messages call the folder):
+    evomerge_recipe.yaml (with its seed), else mergekit_config.yml, else (with `card`) the model
+    card's first YAML block that is a recipe."""
+    name = name or str(folder)
+    for file in (RECIPE_FILE, MERGEKIT_FILE):
+        if (folder / file).is_file():
+            text = read_text(folder / file, "recipe")
+            seed = SEED_HEADER.match(text) if file == RECIPE_FILE else None
+            origin = f"{name}/{file}"
+            data = parse_yaml(text, origin)
+            if not isinstance(data, dict):
+                raise MergeError(f"{origin}: expected a YAML mapping with merge_method and models")
+            recipe = _parse(data, origin)
+            return FoundRecipe(recipe, origin, int(seed[1]) if seed else None, folder / file, text)
+    if card and (folder / README_FILE).is_file():
+        text = read_text(folder / README_FILE, "model card")
+        for number, block in enumerate(YAML_BLOCK.finditer(text), 1):
+            data = None
+            with contextlib.suppress(MergeError):  # not YAML: not the recipe
+                data = parse_yaml(block[1], README_FILE)
+            if isinstance(data, dict) and "merge_method" in data and data.keys() & INPUT_KEYS:
+                origin = f"{name}/{README_FILE} (yaml block {number})"
+                seed = README_SEED.search(text)
+                recipe, number_seed = _parse(data, origin), int(seed[1]) if seed else None
+                return FoundRecipe(recipe, origin, number_seed, folder / README_FILE, block[1])
+    looked = f" and a yaml block with merge_method in {README_FILE}" if card else ""
     raise MergeError(
-        f"{model_dir}: no {RECIPE_FILE} (nor {MERGEKIT_FILE}); publish needs the "
-        "recipe so that `evomerge reproduce` can rebuild the merge"
+        f"{name}: no merge recipe found (looked for {RECIPE_FILE}, {MERGEKIT_FILE}{looked})"
     )
+
+
+def _parse(data: dict[str, Any], origin: str) -> Recipe:
+    """Parse a recipe; mergekit's Python API saves one as `modules: {default: ...}`: unwrap it."""
+    modules = data.get("modules")
+    if (
+        isinstance(modules, dict)
+        and list(modules) == ["default"]
+        and isinstance(modules["default"], dict)
+    ):
+        module = dict(modules["default"])
+        data = {key: value for key, value in data.items() if key != "modules"}
+        if "parameters" in module:  # module parameters are the more specific ones
+            data["parameters"] = {**(data.get("parameters") or {}), **module.pop("parameters")}
+        data |= module
+    return parse_recipe(data, origin)
 
 
 def search_files(search_dir: Path) -> tuple[dict[str, Path], list | None]:

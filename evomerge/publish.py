@@ -28,9 +28,9 @@ from evomerge.folder_checks import (
     check_no_large_files,
     check_no_pickles,
     checked_weights,
+    find_recipe,
     locate,
     model_files,
-    read_recipe,
     search_files,
 )
 from evomerge.hub_card import (
@@ -42,7 +42,6 @@ from evomerge.hub_card import (
     resolve_license,
 )
 from evomerge.merge.errors import MergeError, first_line
-from evomerge.merge.recipe import Recipe
 
 Echo = Callable[[str], None]
 LARGE_UPLOAD = 5 * 1000**3  # bytes; above this, upload_large_folder when the client has it
@@ -82,8 +81,13 @@ def publish(
     shapes = checked_weights(model_dir, files)
     check_no_large_files(files, model_dir, shapes)
     check_against_config(model_dir, shapes)
-    recipe_file, recipe_text = read_recipe(model_dir)
-    recipe = Recipe.from_yaml(recipe_text, origin=str(recipe_file))
+    try:
+        found = find_recipe(model_dir, card=False)  # the card is rewritten: not a source
+    except MergeError as exc:
+        raise MergeError(
+            f"{exc}; publish needs the recipe so that `evomerge reproduce` can rebuild the merge"
+        ) from None
+    recipe, recipe_file, recipe_text = found.recipe, found.file, found.text
     warnings: list[str] = []
     license_fields = resolve_license(recipe.referenced_models(), license, warnings)
     local = [source for source in recipe.referenced_models() if not hub_id_of(source)]

@@ -10,31 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from evomerge.folder_checks import find_recipe
 from evomerge.merge.compute import resolve_device
 from evomerge.merge.errors import MergeError
-from evomerge.merge.materialize import MERGEKIT_FILE, RECIPE_FILE, run_merge
+from evomerge.merge.materialize import run_merge
 from evomerge.merge.methods import get_method
-from evomerge.merge.recipe import Recipe, parse_recipe, parse_yaml, read_text
 from evomerge.merge.refs import ModelRef, resolve_model_dir
 from evomerge.merge.weights import WeightIndex
 
-README_FILE = "README.md"
-SEED_HEADER = re.compile(r"#\s*made by evomerge with --seed (\d+)")
-README_SEED = re.compile(r"evomerge merge \S+ \S+ --seed (\d+)")  # the line evomerge's card has
-YAML_BLOCK = re.compile(r"^```ya?ml[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 MAX_TABLE_ROWS = 40  # beyond this, the table lists only failing tensors
-INPUT_KEYS = {"models", "slices", "modules"}
 DIFF_CHUNK = 1 << 24  # elements per step when computing a max abs difference
 TOTALS = {
     "differs": "differ in content",
@@ -43,13 +36,6 @@ TOTALS = {
     "only published": "only in the published checkpoint",
     "only rebuilt": "only in the rebuild",
 }
-
-
-@dataclass(frozen=True)
-class FoundRecipe:
-    recipe: Recipe
-    origin: str  # the file (and README block) it came from, for messages
-    seed: int | None  # the seed recorded beside it, if any
 
 
 @dataclass(frozen=True)
@@ -161,50 +147,6 @@ def reproduce(
 def _published_dir(source: str) -> Path:
     """The published folder (a Hub snapshot holds its weights, card and recipe files)."""
     return resolve_model_dir(source)
-
-
-def find_recipe(folder: Path, name: str | None = None) -> FoundRecipe:
-    """The recipe published in `folder` (`name` is how messages call the folder)."""
-    name = name or str(folder)
-    for file in (RECIPE_FILE, MERGEKIT_FILE):
-        if (folder / file).is_file():
-            text = read_text(folder / file, "recipe")
-            seed = SEED_HEADER.match(text) if file == RECIPE_FILE else None
-            origin = f"{name}/{file}"
-            data = parse_yaml(text, origin)
-            if not isinstance(data, dict):
-                raise MergeError(f"{origin}: expected a YAML mapping with merge_method and models")
-            return FoundRecipe(_parse(data, origin), origin, int(seed[1]) if seed else None)
-    if (folder / README_FILE).is_file():
-        text = read_text(folder / README_FILE, "model card")
-        for number, block in enumerate(YAML_BLOCK.finditer(text), 1):
-            data = None
-            with contextlib.suppress(MergeError):  # not YAML: not the recipe
-                data = parse_yaml(block[1], README_FILE)
-            if isinstance(data, dict) and "merge_method" in data and data.keys() & INPUT_KEYS:
-                origin = f"{name}/{README_FILE} (yaml block {number})"
-                seed = README_SEED.search(text)
-                return FoundRecipe(_parse(data, origin), origin, int(seed[1]) if seed else None)
-    raise MergeError(
-        f"{name}: no merge recipe found (looked for {RECIPE_FILE}, {MERGEKIT_FILE} and a yaml "
-        f"block with merge_method in {README_FILE})"
-    )
-
-
-def _parse(data: dict[str, Any], origin: str) -> Recipe:
-    """Parse a recipe; mergekit's Python API saves one as `modules: {default: ...}`: unwrap it."""
-    modules = data.get("modules")
-    if (
-        isinstance(modules, dict)
-        and list(modules) == ["default"]
-        and isinstance(modules["default"], dict)
-    ):
-        module = dict(modules["default"])
-        data = {key: value for key, value in data.items() if key != "modules"}
-        if "parameters" in module:  # module parameters are the more specific ones
-            data["parameters"] = {**(data.get("parameters") or {}), **module.pop("parameters")}
-        data |= module
-    return parse_recipe(data, origin)
 
 
 def revision_note(refs: list[str]) -> str:

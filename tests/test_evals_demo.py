@@ -76,6 +76,7 @@ def test_heldout_scores_match_the_family_report(demo_family, demo_scores):
             assert ours == pytest.approx(by_skill[skill], abs=0.02), (name, skill)
 
 
+@pytest.mark.slow
 def test_stderr_without_bootstrap_equals_lm_evals(demo_family, tmp_path):
     """With bootstrap_iters 0 lm-eval reports no stderr; evomerge computes the closed form lm-eval
     uses for mean metrics, per filter, from the values it kept."""
@@ -142,6 +143,7 @@ def test_folder_memory_and_lm_eval_run_agree_on_bundled_tasks(
     assert all(0 < s["value"] < 1 and s["stderr"] > 0 for s in ours["scores"])  # not trivial
 
 
+@pytest.mark.slow
 def test_cli_scores_both_splits_of_a_fitness_spec(demo_family, tmp_path, monkeypatch, capsys):
     out = tmp_path / "scores.json"
     args = ["eval", str(demo_family / "expert_b"), "--fitness", str(DEMO_SPEC), "--limit", "20"]

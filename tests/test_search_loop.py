@@ -169,6 +169,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(demo_family, tmp_path, o
     assert best == yaml.safe_load((reference / "best_recipe.yaml").read_text())
 
 
+@pytest.mark.slow
 def test_existing_study_needs_resume_and_the_same_recipe(demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "a.yaml", demo_family, budget={"evaluations": 2})
     out = tmp_path / "out"
@@ -198,6 +199,7 @@ class BrokenExecutor:
         pass
 
 
+@pytest.mark.slow
 def test_a_search_that_stopped_before_its_first_trial_can_be_rerun(demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "a.yaml", demo_family, budget={"evaluations": 2})
     out = tmp_path / "out"
@@ -208,6 +210,7 @@ def test_a_search_that_stopped_before_its_first_trial_can_be_rerun(demo_family, 
     assert len(summary.trials) == 2
 
 
+@pytest.mark.slow
 def test_a_second_search_on_the_same_folder_is_refused(demo_family, tmp_path):
     """While one search writes OUT (its lock held here), another `evomerge search` on OUT exits 2
     with one line and adds nothing to the study."""
@@ -224,6 +227,7 @@ def test_a_second_search_on_the_same_folder_is_refused(demo_family, tmp_path):
     assert "Traceback" not in output and not (out / "study.db").exists()
 
 
+@pytest.mark.slow
 def test_failing_candidates_are_recorded_and_the_search_completes(
     demo_family, tmp_path, monkeypatch
 ):
@@ -254,6 +258,7 @@ def test_failing_candidates_are_recorded_and_the_search_completes(
     assert "non-finite" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_nsga2_multi_objective_writes_the_pareto_front(demo_family, tmp_path):
     fitness = {
         "tasks": [
@@ -282,6 +287,7 @@ def test_nsga2_multi_objective_writes_the_pareto_front(demo_family, tmp_path):
             assert not (dominates and tuple(t.values) != point)
 
 
+@pytest.mark.slow
 def test_wall_clock_budget_stops_between_generations(demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "t.yaml", demo_family, budget={"seconds": 0.01})
     summary = run(recipe, tmp_path / "out", write_model=False)
@@ -298,6 +304,7 @@ def test_wall_clock_budget_stops_between_generations(demo_family, tmp_path):
     ],
     ids=lambda o: o["name"],
 )
+@pytest.mark.slow
 def test_optimizers_by_name_repeat_their_trials_with_the_same_seed(
     demo_family, tmp_path, optimizer
 ):

@@ -100,6 +100,7 @@ def test_two_searchers_share_one_postgresql_study(demo_family, tmp_path, postgre
     assert len(owners) == 2  # both searchers did work
 
 
+@pytest.mark.slow
 def test_nevergrad_refuses_a_study_another_searcher_is_using(demo_family, tmp_path, postgres_url):
     import time
 
