@@ -292,27 +292,3 @@ def test_wall_clock_budget_stops_between_generations(demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "t.yaml", demo_family, budget={"seconds": 0.01})
     summary = run(recipe, tmp_path / "out", write_model=False)
     assert len(summary.trials) == 4  # the first generation runs whole, then the clock stops it
-
-
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        {"name": "NGOpt", "population": 4},
-        {"name": "TwoPointsDE", "population": 4},
-        {"name": "PSO", "population": 4},
-        {"backend": "optuna", "name": "CmaEsSampler", "population": 4},
-    ],
-    ids=lambda o: o["name"],
-)
-@pytest.mark.slow
-def test_optimizers_by_name_repeat_their_trials_with_the_same_seed(
-    demo_family, tmp_path, optimizer
-):
-    recipe = write_recipe(
-        tmp_path / "o.yaml", demo_family, optimizer=optimizer, budget={"evaluations": 8}
-    )
-    first = run(recipe, tmp_path / "first", write_model=False)
-    second = run(recipe, tmp_path / "second", write_model=False)
-    genomes = [t.genome for t in first.trials]
-    assert len(genomes) == 8 and len({tuple(g) for g in genomes}) > 1
-    assert genomes == [t.genome for t in second.trials]
