@@ -156,11 +156,11 @@ class RayExecutor:
         return self._on_a_worker("score_source", model)
 
     def _refresh_restarted_pids(self, seconds: float = 60.0) -> None:
-        """`pids` names the processes that ran last: a worker Ray restarted after the search's
-        last call to it is asked for its new pid (for the record and for tests)."""
+        """`pids` names the worker processes as they are now: a worker Ray restarted after the
+        search's last answer from it (a death it may never have seen) reports its new pid."""
         import ray
 
-        pending = [w for w, deaths in self.deaths.items() if 0 < deaths <= MAX_RESTARTS]
+        pending = [w for w, deaths in self.deaths.items() if deaths <= MAX_RESTARTS]
         deadline = time.monotonic() + seconds
         while pending and time.monotonic() < deadline:
             worker = pending[0]
