@@ -278,6 +278,7 @@ def _greedy(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, ids: torch.Tensor, steps: int
 ) -> list[str]:
     out = model(input_ids=ids, use_cache=True)
+    cache_name = cache_argument(model) or "past_key_values"
     generated, finished = [], torch.zeros(len(ids), dtype=torch.bool)
     for _ in range(steps):
         token = out.logits[:, -1].argmax(-1)
@@ -288,8 +289,7 @@ def _greedy(
             break
         # renamed `cache` in 5.24, where reading past_key_values warns (so no .get default)
         past = out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401
-        cache = {cache_argument(model) or "past_key_values": past}
-        out = model(input_ids=token[:, None], use_cache=True, **cache)
+        out = model(input_ids=token[:, None], use_cache=True, **{cache_name: past})
     rows = torch.stack(generated, 1).tolist()
     return [tokenizer.decode(row[: row.index(EOS_ID)] if EOS_ID in row else row) for row in rows]
 

@@ -49,7 +49,7 @@ class Checkpoint:
 
     def _index(self) -> dict[str, TensorInfo]:
         if any(self.path.glob("*.safetensors")):
-            return self._index_safetensors()
+            return WeightIndex.read(self.path, self.ref).tensors
         pickled = sorted(self.path.glob("*.bin"))
         if not pickled:
             raise MergeError(f"{self.ref}: no *.safetensors weights in {self.path}")
@@ -63,9 +63,6 @@ class Checkpoint:
             for name, tensor in self._load_pickled(file).items():
                 index[name] = TensorInfo(file, tuple(tensor.shape), tensor.dtype)
         return index
-
-    def _index_safetensors(self) -> dict[str, TensorInfo]:
-        return WeightIndex.read(self.path, self.ref).tensors
 
     def _load_pickled(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._pickled:

@@ -155,7 +155,7 @@ class RayExecutor:
         """A source model on a worker, where its weights are loaded (a GPU, under Ray)."""
         return self._on_a_worker("score_source", model)
 
-    def _refresh_restarted_pids(self, seconds: float = 60.0) -> None:
+    def _refresh_pids(self, seconds: float = 60.0) -> None:
         """`pids` names the worker processes as they are now: a worker Ray restarted after the
         search's last answer from it (a death it may never have seen) reports its new pid."""
         import ray
@@ -189,7 +189,7 @@ class RayExecutor:
     def close(self) -> None:
         import ray
 
-        self._refresh_restarted_pids()
+        self._refresh_pids()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if self._started:
