@@ -1,6 +1,7 @@
 """The model card `evomerge publish` uploads: Hub metadata (the sources' Hub ids as base_model,
 tags, the sources' common license), the recipe, the search's results and plots, and the command
-that reproduces the merge. (`merge/card.py` writes the plainer card beside every merge.)"""
+that reproduces the merge, on the sections and metadata every card shares (`merge/card.py`, which
+also writes the plainer card beside every merge)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from evomerge.folder_checks import PLOTS
+from evomerge.merge.card import LICENSE_FIELDS, MERGE_TAGS, hub_id_of, render_card
 from evomerge.merge.errors import MergeError, first_line
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.refs import ModelRef
 
 CARD_FILE = "README.md"
-TAGS = ["merge", "evomerge", "mergekit"]
-LICENSE_FIELDS = ("license", "license_name", "license_link")
+TAGS = [*MERGE_TAGS, "mergekit"]
 
 
 def resolve_license(sources: list[str], chosen: str | None, warnings: list[str]) -> dict[str, str]:
@@ -79,28 +80,6 @@ def card_metadata(readme: Path) -> dict[str, Any]:
         raise MergeError(f"{readme}: cannot read its front matter ({first_line(exc)})") from None
 
 
-def card_data(
-    sources: list[str], license_fields: dict[str, str], existing: dict[str, Any] | None = None
-) -> ModelCardData:
-    """Card metadata: `existing` (the folder's card) updated with the sources' Hub ids as
-    base_model, evomerge's tags, transformers and the license fields."""
-    data = {k: v for k, v in (existing or {}).items() if k not in LICENSE_FIELDS}
-    hub_ids = list(dict.fromkeys(i for i in map(hub_id_of, sources) if i))
-    data.pop("base_model", None)
-    data.pop("base_model_relation", None)
-    if hub_ids:
-        data["base_model"] = hub_ids
-        data["base_model_relation"] = "merge"
-    data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *TAGS]))
-    data["library_name"] = "transformers"
-    data.update(license_fields)
-    return ModelCardData(**data)
-
-
-def hub_id_of(source: str) -> str | None:
-    return ModelRef.parse(source).hub_id
-
-
 def model_card(
     repo: str,
     recipe: Recipe,
@@ -116,42 +95,19 @@ def model_card(
         method = get_method(recipe.merge_method)
     except MergeError as exc:
         raise MergeError(f"{recipe_name}: {exc}") from None
-    reference = f" ([paper]({method.reference}))" if method.reference else ""
-    lines = [
-        f"# {repo.split('/')[1]}",
-        "",
-        "A merge of pre-trained language models made with "
-        "[evomerge](https://github.com/evomerge/evomerge)"
-        + (", found by evolutionary search." if references is not None or plots else "."),
-        "",
-        "## Method",
-        "",
-        f"**{method.name}**{reference}: {method.description}",
-        "",
-        "## Models merged",
-        "",
-        *(_source_line(source, recipe.base_model) for source in recipe.referenced_models()),
-        "",
-    ]
+    before_recipe: list[str] = []
     local = [source for source in recipe.referenced_models() if not hub_id_of(source)]
     if local:
         listed = ", ".join(f"`{source}`" for source in local)
-        lines += [
+        before_recipe += [
             f"Not on the Hub (local folders where this was merged): {listed}; rebuilding "
             "the merge needs copies of them at those paths.",
             "",
         ]
-    if references is not None or plots:
-        lines += _search_section(references, plots)
-    lines += [
-        "## Recipe",
-        "",
-        f"This is `{recipe_name}` in this repository; `mergekit-yaml` accepts it as well.",
-        "",
-        "```yaml",
-        recipe_text.rstrip(),
-        "```",
-        "",
+    found_by_search = references is not None or bool(plots)
+    if found_by_search:
+        before_recipe += _search_section(references, plots)
+    reproduce = [
         "## Reproduce",
         "",
         "Rebuild the weights from the recipe and compare them with this repository's, tensor by "
@@ -162,13 +118,18 @@ def model_card(
         "```",
         "",
     ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
-
-
-def _source_line(source: str, base: str | None) -> str:
-    hub_id = hub_id_of(source)
-    name = f"[{source}](https://huggingface.co/{hub_id})" if hub_id else f"`{source}`"
-    return f"- {name}" + (" (base)" if source == base else "")
+    return render_card(
+        data,
+        repo.split("/")[1],
+        method,
+        recipe.referenced_models(),
+        recipe.base_model,
+        f"This is `{recipe_name}` in this repository; `mergekit-yaml` accepts it as well.",
+        recipe_text,
+        found_by_search,
+        before_recipe,
+        reproduce,
+    )
 
 
 def _search_section(references: list | None, plots: list[str]) -> list[str]:

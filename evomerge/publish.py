@@ -33,14 +33,8 @@ from evomerge.folder_checks import (
     model_files,
     search_files,
 )
-from evomerge.hub_card import (
-    CARD_FILE,
-    card_data,
-    card_metadata,
-    hub_id_of,
-    model_card,
-    resolve_license,
-)
+from evomerge.hub_card import CARD_FILE, TAGS, card_metadata, model_card, resolve_license
+from evomerge.merge.card import card_data, hub_id_of
 from evomerge.merge.errors import MergeError, first_line
 
 Echo = Callable[[str], None]
@@ -106,7 +100,7 @@ def publish(
         recipe,
         recipe_file.name,
         recipe_text,
-        card_data(recipe.referenced_models(), license_fields, existing),
+        card_data(recipe.referenced_models(), license_fields, existing, TAGS),
         references,
         [name for name in PLOTS if name in extras],
     )

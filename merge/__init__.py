@@ -9,5 +9,5 @@
   output tensor computed; `vocab.py` and `chat_template.py` for tokenizers.
 - `materialize.py` (file merges), `resident.py` (in-memory merges for search), `stacking.py`
   (layer stacking), `writer.py` (streamed shards), `staging.py` (build beside, rename into
-  place), `card.py` (the model card).
+  place), `card.py` (model-card metadata and sections, shared with `evomerge publish`).
 """

@@ -4,10 +4,12 @@ study, and loading a folder's weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -17,7 +19,9 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge import cli
+from evomerge.evals.results import EvalResult, Score, weighted_mean
 from evomerge.search.config import load_search_recipe
+from evomerge.search.executor import outcome_of
 from evomerge.search.loop import Search
 
 
@@ -155,6 +159,42 @@ def write_recipe(path: Path, family: Path, **overrides) -> Path:
         recipe[key] = value
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+class HashExecutor:
+    """A stand-in executor for loop, journal and optimizer contracts: each candidate's score on
+    each fitness entry is a hash of the candidate (the same candidate always scores the same),
+    so a search runs in milliseconds with no model. `tasks` are the fitness entries' names;
+    each candidate takes at least `seconds` (for wall-clock budgets)."""
+
+    def __init__(self, tasks: list[str], seconds: float = 0.0):
+        self.tasks = tasks
+        self.seconds = seconds
+        self.evaluated = 0
+
+    def _result(self, what: object, split: str) -> EvalResult:
+        scores = []
+        for task in self.tasks:
+            digest = hashlib.sha256(f"{split} {task} {what!r}".encode()).digest()
+            value = int.from_bytes(digest[:4], "big") / 2**32
+            scores.append(Score(task, "exact_match", "none", value, 0.01, 100, weight=1.0))
+        fitness, stderr = weighted_mean(scores)
+        return EvalResult(split, scores, fitness, stderr, settings={"decoding": "hash"})
+
+    def evaluate(self, candidates):
+        for candidate in candidates:
+            time.sleep(self.seconds)
+            self.evaluated += 1
+            yield outcome_of(self._result(candidate, "fitness"), {})
+
+    def score(self, candidate, split):
+        return self._result(candidate, split)
+
+    def score_source(self, model):
+        return {split: self._result(model, split) for split in ("fitness", "heldout")}
+
+    def close(self):
+        pass
 
 
 def trials_of(out: Path) -> list[optuna.trial.FrozenTrial]:

@@ -1,5 +1,6 @@
-"""The search loop on the trained demo family: end to end, kill and resume, failed candidates,
-Optuna samplers (multi-objective included)."""
+"""The search loop: end to end on the trained demo family (the README's seeds, kill and resume,
+failed candidates), and its journal contracts (resume rules, reruns, the Pareto front, the
+wall-clock budget) with a hash-scored executor that builds no model."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import content, mergekit_offline, run, trials_of, write_recipe
+from helpers import HashExecutor, content, mergekit_offline, run, trials_of, write_recipe
 
 from evomerge.search.config import load_search_recipe
 from evomerge.search.errors import SearchError
@@ -169,20 +170,26 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(demo_family, tmp_path, o
     assert best == yaml.safe_load((reference / "best_recipe.yaml").read_text())
 
 
-@pytest.mark.slow
+def hashed(**kwargs):
+    """A search's keyword arguments with a hash-scored executor (no model is built)."""
+    return {"write_model": False, "executor": HashExecutor(["demo_combined"]), **kwargs}
+
+
 def test_existing_study_needs_resume_and_the_same_recipe(demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "a.yaml", demo_family, budget={"evaluations": 2})
     out = tmp_path / "out"
-    run(recipe, out, write_model=False)
+    run(recipe, out, **hashed())
     with pytest.raises(SearchError, match="--resume"):
-        run(recipe, out, write_model=False)
+        run(recipe, out, **hashed())
     changed = write_recipe(tmp_path / "b.yaml", demo_family, budget={"evaluations": 2}, seed=9)
     with pytest.raises(SearchError, match="different search recipe"):
-        run(changed, out, resume=True, write_model=False)
+        run(changed, out, **hashed(resume=True))
     # A longer budget is not a different search: resuming extends it.
     longer = write_recipe(tmp_path / "c.yaml", demo_family, budget={"evaluations": 4})
-    summary = run(longer, out, resume=True, write_model=False)
+    executor = HashExecutor(["demo_combined"])
+    summary = run(longer, out, resume=True, write_model=False, executor=executor)
     assert len(summary.trials) == 4
+    assert executor.evaluated == 2  # only the two new trials ran
 
 
 class BrokenExecutor:
@@ -199,14 +206,13 @@ class BrokenExecutor:
         pass
 
 
-@pytest.mark.slow
 def test_a_search_that_stopped_before_its_first_trial_can_be_rerun(demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "a.yaml", demo_family, budget={"evaluations": 2})
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="went away"):
         run(recipe, out, write_model=False, executor=BrokenExecutor())
     assert (out / "study.db").is_file() and trials_of(out) == []
-    summary = run(recipe, out, write_model=False)  # no --resume needed: nothing to resume
+    summary = run(recipe, out, **hashed())  # no --resume needed: nothing to resume
     assert len(summary.trials) == 2
 
 
@@ -258,7 +264,6 @@ def test_failing_candidates_are_recorded_and_the_search_completes(
     assert "non-finite" in (tmp_path / "out" / "report.md").read_text()
 
 
-@pytest.mark.slow
 def test_nsga2_multi_objective_writes_the_pareto_front(demo_family, tmp_path):
     fitness = {
         "tasks": [
@@ -274,7 +279,8 @@ def test_nsga2_multi_objective_writes_the_pareto_front(demo_family, tmp_path):
         budget={"evaluations": 8},
         optimizer={"backend": "optuna", "name": "NSGAIISampler", "population": 4},
     )
-    summary = run(recipe, tmp_path / "out", write_model=False)
+    executor = HashExecutor(["demo_skill_a", "demo_skill_b"])
+    summary = run(recipe, tmp_path / "out", write_model=False, executor=executor)
     trials = trials_of(tmp_path / "out")
     assert all(len(t.values) == 2 for t in trials)
     assert summary.pareto and summary.best.number in summary.pareto
@@ -287,8 +293,8 @@ def test_nsga2_multi_objective_writes_the_pareto_front(demo_family, tmp_path):
             assert not (dominates and tuple(t.values) != point)
 
 
-@pytest.mark.slow
 def test_wall_clock_budget_stops_between_generations(demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "t.yaml", demo_family, budget={"seconds": 0.01})
-    summary = run(recipe, tmp_path / "out", write_model=False)
+    executor = HashExecutor(["demo_combined"], seconds=0.01)  # a generation outlasts the budget
+    summary = run(recipe, tmp_path / "out", write_model=False, executor=executor)
     assert len(summary.trials) == 4  # the first generation runs whole, then the clock stops it
