@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny untrained families and the shipped, trained demo family."""
+"""Shared fixtures: tiny untrained families, the shipped, trained demo family and a real
+pretrained family (SmolLM2-135M-Instruct and experts derived from it)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 def demo_family() -> Path:
     """The trained demo family as shipped in demo/family (tests read it, never write it)."""
     return REPO / "demo" / "family"
+
+
+@pytest.fixture(scope="session")
+def smol_family():
+    """SmolLM2-135M-Instruct in bf16 with tied embeddings, and two experts derived from it
+    (tests/real_family.py): built on first use into the cache, read-only for tests."""
+    from real_family import real_family
+
+    return real_family()
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,7 @@ import pytest
 import torch
 import yaml
 from helpers import load_weights
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge as mergekit_run_merge
-from mergekit.options import MergeOptions
+from mergekit_oracle import run_mergekit
 from safetensors.torch import load_file, save_file
 
 from evomerge import reproduce as reproduce_module
@@ -76,12 +74,8 @@ def publish_with_mergekit(config: dict[str, Any], folder: Path, cli: bool) -> Pa
     `mergekit-yaml` (cli) saves the recipe's own text; mergekit's Python API saves its normalized
     form, `modules: {default: {slices: ...}}`.
     """
-    options = MergeOptions(device="cpu", quiet=True, write_model_card=True, copy_tokenizer=True)
-    merge_config = MergeConfiguration.model_validate(copy.deepcopy(config))
     source = yaml.safe_dump(config, sort_keys=False) if cli else None
-    with torch.random.fork_rng():  # mergekit seeds the global generators
-        mergekit_run_merge(merge_config, str(folder), options=options, config_source=source)
-    return folder
+    return run_mergekit(config, folder, card=True, source=source)
 
 
 def run(source: Path | str, **kwargs: Any) -> tuple[VerifyReport | None, str]:

@@ -1,0 +1,169 @@
+"""Parity with mergekit 0.1.5 on a real pretrained family in bf16: SmolLM2-135M-Instruct (30
+layers, grouped-query attention, tied embeddings: no `lm_head` tensor in the files, a 49,152-token
+BPE tokenizer) and two experts derived from it (`tests/real_family.py`).
+
+Every deterministic method must be bit-exact (max abs difference 0). TIES-family methods run
+mergekit with stable sorts (`mergekit_oracle.stable_sorts`): its own unstable sort picks among
+equal magnitudes at the density cut arbitrarily, and real bf16 tensors have many of those.
+`reproduce --verify` must accept mergekit's own SLERP merge of the family and name the tensor
+when one entry is changed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from mergekit_oracle import (
+    assert_configs_match,
+    assert_tensors_match,
+    load_config,
+    load_tensors,
+    run_evomerge,
+    run_mergekit,
+    stable_sorts,
+)
+from real_family import ADDED_TOKENS, RealFamily
+from safetensors.torch import load_file, save_file
+
+from evomerge.reproduce import reproduce
+
+pytestmark = pytest.mark.slow
+LAYERS = 30
+EMBED = "model.embed_tokens.weight"
+
+Case = Callable[[str, list[str], str], dict[str, Any]]
+
+CASES: dict[str, Case] = {
+    "linear_gradients": lambda b, e, t: {
+        "merge_method": "linear",
+        "models": [
+            {"model": b, "parameters": {"weight": 0.2}},
+            {"model": e[0], "parameters": {"weight": [0.1, 0.9, 0.4]}},
+            {"model": e[1], "parameters": {"weight": [1.0, 0.2]}},
+        ],
+    },
+    "task_arithmetic_negative_no_normalize": lambda b, e, t: {
+        "merge_method": "task_arithmetic",
+        "base_model": b,
+        "models": [
+            {"model": e[0], "parameters": {"weight": 0.7}},
+            {"model": e[1], "parameters": {"weight": -0.4}},
+        ],
+        "parameters": {"normalize": False},
+    },
+    "slerp_gradient_filters": lambda b, e, t: {
+        "merge_method": "slerp",
+        "base_model": b,
+        "slices": [
+            {
+                "sources": [
+                    {"model": b, "layer_range": [0, LAYERS]},
+                    {"model": e[0], "layer_range": [0, LAYERS]},
+                ]
+            }
+        ],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+    },
+    "nuslerp_base": lambda b, e, t: {
+        "merge_method": "nuslerp",
+        "base_model": b,
+        "models": [
+            {"model": e[0], "parameters": {"weight": 0.3}},
+            {"model": e[1], "parameters": {"weight": 0.7}},
+        ],
+    },
+    "model_stock": lambda b, e, t: {
+        "merge_method": "model_stock",
+        "base_model": b,
+        "models": [{"model": e[0]}, {"model": e[1]}],
+    },
+    "passthrough_frankenmerge": lambda b, e, t: {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": b, "layer_range": [0, 20]}]},
+            {
+                "sources": [
+                    {
+                        "model": e[0],
+                        "layer_range": [10, LAYERS],
+                        "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1}]},
+                    }
+                ]
+            },
+        ],
+    },
+    "ties": lambda b, e, t: {
+        "merge_method": "ties",
+        "base_model": b,
+        "models": [
+            {"model": e[0], "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": e[1], "parameters": {"weight": 1.0, "density": 0.7}},
+        ],
+    },
+    "union_tokenizer_linear": lambda b, e, t: {
+        "merge_method": "linear",
+        "base_model": b,
+        "models": [
+            {"model": b, "parameters": {"weight": 0.5}},
+            {"model": t, "parameters": {"weight": 0.5}},
+        ],
+        "tokenizer_source": "union",
+    },
+}
+
+
+def config_of(case: str, family: RealFamily) -> dict[str, Any]:
+    experts = [str(p) for p in family.experts]
+    recipe = CASES[case](str(family.base), experts, str(family.expert_tokens))
+    return {**recipe, "dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_real_family_bit_exact_with_mergekit(case, smol_family, tmp_path):
+    config = config_of(case, smol_family)
+    evo_dir = run_evomerge(config, tmp_path / "evomerge")
+    with stable_sorts():
+        ref_dir = run_mergekit(config, tmp_path / "mergekit")
+    evo, ref = load_tensors(evo_dir), load_tensors(ref_dir)
+    assert_configs_match(evo_dir, ref_dir)
+    assert not any(name.startswith("lm_head") for name in evo)  # still tied
+    assert load_config(evo_dir)["tie_word_embeddings"] is True
+    assert all(t.dtype == torch.bfloat16 for t in evo.values())
+    worst = assert_tensors_match(evo, ref, atol=0.0)
+    assert worst == 0.0
+    if case.startswith("union"):
+        from transformers import AutoTokenizer
+
+        vocab = AutoTokenizer.from_pretrained(evo_dir).get_vocab()
+        assert set(vocab) == set(AutoTokenizer.from_pretrained(ref_dir).get_vocab())
+        assert set(ADDED_TOKENS) <= set(vocab) and evo[EMBED].shape[0] == len(vocab)
+    if case == "passthrough_frankenmerge":
+        assert load_config(evo_dir)["num_hidden_layers"] == 40
+
+
+def test_reproduce_verifies_mergekits_slerp_and_names_a_changed_tensor(smol_family, tmp_path):
+    config = config_of("slerp_gradient_filters", smol_family)
+    published = run_mergekit(config, tmp_path / "mk", card=True)
+    lines: list[str] = []
+    report = reproduce(str(published), verify=True, device="cpu", echo=lines.append)
+    assert report is not None and report.passed, "\n".join(lines)
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(published, tampered)
+    weights = load_file(tampered / "model.safetensors")
+    name = "model.layers.7.mlp.down_proj.weight"
+    weights[name].view(torch.int16)[3, 5] += 1  # one bf16 ulp
+    save_file(weights, tampered / "model.safetensors", metadata={"format": "pt"})
+    report = reproduce(str(tampered), verify=True, device="cpu", echo=lines.append)
+    assert report is not None and not report.passed
+    assert [row.name for row in report.failures] == [name]
