@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import asdict
 from importlib.metadata import version
 from typing import Any
 
@@ -49,9 +50,13 @@ class Evaluator:
         settings = next(iter(suites.values())).settings
         self.lm = ResidentLM(model, tokenizer, batch_size=settings.batch_size)
         self.lm.quiet = quiet
-        self.batch_size = self.lm.resolve_batch_size()
         self.timer = ForwardTimer(model)
         self.log_samples = log_samples  # keep every document's output in EvalResult.samples
+
+    @property
+    def batch_size(self) -> int | str:
+        """The batch size; 'auto' until the first requests fix it (evals/lm.py)."""
+        return self.lm.batch_size_per_gpu
 
     def score(self, split: str = "fitness") -> EvalResult:
         if split not in self.suites:
@@ -104,6 +109,7 @@ class Evaluator:
             else None,
             "num_fewshot": {n: t.get_config("num_fewshot") for n, t in suite.tasks.items()},
             "batch_size": self.batch_size,
+            "batch_probe": asdict(self.lm.probe) if self.lm.probe else None,
             "apply_chat_template": s.apply_chat_template,
             "fewshot_as_multiturn": s.multiturn,
             "system_instruction": s.system_instruction,

@@ -3,10 +3,18 @@
 `ResidentLM` is lm-eval's `HFLM` with tokenization memoized: the prompts are the same for every
 candidate, so each string (and each padded batch of them) is encoded once per search. New weights
 are written into the same model object between runs; nothing here holds a copy of them.
+
+`batch_size="auto"` is fixed once, at the first requests, for the longest of them (prompt and
+continuation, or prompt plus the generation budget): lm-eval's own probe runs five forward passes
+at the model's maximum length (8,192 tokens for SmolLM2: minutes on a CPU), and on a GPU sizes
+the batch for that length rather than for the work. On a GPU the probe doubles the batch from 1
+while a forward pass at that length fits (up to MAX_AUTO_BATCH); on a CPU memory is not what
+limits a batch, so it takes the largest power of two with at most CPU_BATCH_TOKENS tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +35,18 @@ MAX_DECODED = 100_000  # remembered decodings of generated token sequences
 
 # lm-eval's HFLM probes with batches of this size for --batch-size auto; kept as its default.
 MAX_AUTO_BATCH = 64
+# On a CPU, scoring time per token is flat from a few hundred tokens per batch on (measured in
+# benchmarks/eval_batch.py); larger batches only add padding.
+CPU_BATCH_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class BatchProbe:
+    """How `auto` was resolved: the longest request (tokens), the batch chosen, and why."""
+
+    length: int
+    batch_size: int
+    how: str  # 'cpu token budget' or 'largest that fits'
 
 
 class ResidentLM(HFLM):
@@ -45,16 +65,55 @@ class ResidentLM(HFLM):
         self.greedy_batches = 0
         self.generate_batches = 0
         self.greedy_refusal: str | None = None
+        self.probe: BatchProbe | None = None  # set when 'auto' is resolved
         self._pieces = TokenPieces(tokenizer)
         self._encoded: dict[tuple[Any, ...], list[int]] = {}
         self._batches: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._decoded: dict[tuple[Any, ...], str] = {}
 
-    def resolve_batch_size(self) -> int:
-        """Fix 'auto' to a number once; lm-eval would probe again on every run."""
-        if self.batch_size_per_gpu == "auto":
-            self.batch_size_per_gpu = int(self._detect_batch_size())
-        return int(self.batch_size_per_gpu)
+    def resolve_batch_size(self, length: int, requests: int) -> int:
+        """Fix 'auto' to a number once, for requests of up to `length` tokens (see the module
+        docstring); a number is kept as it is."""
+        if self.batch_size_per_gpu != "auto":
+            return int(self.batch_size_per_gpu)
+        length = max(1, min(length, self.max_length))
+        cap = max(1, min(self.max_batch_size, requests))
+        if self.device.type == "cpu":
+            batch = _power_of_two_at_most(min(cap, CPU_BATCH_TOKENS // length))
+            how = "cpu token budget"
+        else:
+            batch, how = self._largest_fitting(length, cap), "largest that fits"
+        self.batch_size_per_gpu = batch
+        self.probe = BatchProbe(length, batch, how)
+        return batch
+
+    def _largest_fitting(self, length: int, cap: int) -> int:
+        batch = 1
+        while batch * 2 <= cap:
+            try:
+                ids = torch.ones((batch * 2, length), dtype=torch.long, device=self.device)
+                with torch.no_grad():
+                    torch.log_softmax(self._model_call(ids), dim=-1, dtype=self.softmax_dtype)
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                ids = None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            batch *= 2
+        return batch
+
+    def _longest(self, requests: list, kind: str) -> int:
+        if kind == "loglikelihood":
+            pairs = (self._encode_pair(*r.args) for r in requests)
+            return max(len(context) + len(continuation) for context, continuation in pairs)
+        if kind == "generate_until":
+            budget = self.max_gen_toks
+            return max(
+                len(self.tok_encode(r.args[0])) + int(r.args[1].get("max_gen_toks", budget))
+                for r in requests
+            )
+        return max(len(self.tok_encode(r.args[0])) for r in requests)  # rolling: windows
 
     def tok_encode(
         self,
@@ -119,11 +178,22 @@ class ResidentLM(HFLM):
         self.greedy_refusal = refusal
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
+    def _resolve_for(self, requests: list, kind: str) -> None:
+        if requests and self.batch_size_per_gpu == "auto":
+            self.resolve_batch_size(self._longest(requests, kind), len(requests))
+
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        self._resolve_for(requests, "generate_until")
         return super().generate_until(requests, disable_tqdm=disable_tqdm or self.quiet)
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+        self._resolve_for(requests, "loglikelihood")
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+        self._resolve_for(requests, "loglikelihood_rolling")
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or self.quiet)
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)

@@ -33,8 +33,9 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def sample_outputs(samples: list[dict]) -> list[tuple]:
-    return sorted((s["doc_id"], s["filtered_resps"][0], s["exact_match"]) for s in samples)
+def sample_outputs(samples: list[dict], metric: str = "exact_match") -> list[tuple]:
+    """(document, first filtered response, metric) per sample, sorted by document."""
+    return sorted((s["doc_id"], s["filtered_resps"][0], s[metric]) for s in samples)
 
 
 

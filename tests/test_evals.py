@@ -473,3 +473,45 @@ def test_eval_refuses_pickled_weights_unless_allowed(
     assert code == 2 and "pickled .bin weights" in error_line(err) and "--allow-pickle" in err
     candidate = load_candidate(folder, device="cpu", allow_pickle=True)
     assert candidate.model.num_parameters() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_size "auto": fixed at the first requests, for their lengths
+
+
+def test_auto_batch_size_is_fixed_for_the_longest_request(family):
+    from evomerge.evals.lm import CPU_BATCH_TOKENS
+
+    candidate = load_candidate(family.base, device="cpu")
+    lm = ResidentLM(candidate.model, candidate.tokenizer, batch_size="auto")
+    lm.quiet = True
+    assert lm.batch_size_per_gpu == "auto"  # nothing probed at construction
+    requests = generation_requests(["."], 30, seed=2)
+    longest = max(len(lm.tok_encode(r.args[0])) + r.args[1]["max_gen_toks"] for r in requests)
+    lm.generate_until(requests)
+    assert lm.probe is not None and lm.probe.length == longest
+    assert lm.probe.how == "cpu token budget"
+    expected = min(16, CPU_BATCH_TOKENS // longest)  # 30 requests: no batch above 16
+    assert lm.batch_size_per_gpu == lm.probe.batch_size == 1 << (expected.bit_length() - 1)
+    lm.generate_until(generation_requests(["."], 5, seed=3))
+    assert lm.probe.length == longest  # fixed once: every later run batches alike
+
+
+def test_auto_batch_size_on_an_accelerator_doubles_while_a_batch_fits(family, monkeypatch):
+    """The accelerator branch, with out-of-memory simulated above 8 sequences of the length."""
+    candidate = load_candidate(family.base, device="cpu")
+    lm = ResidentLM(candidate.model, candidate.tokenizer, batch_size="auto")
+    tried: list[tuple[int, int]] = []
+    real_call = lm._model_call
+
+    def call(ids, **kwargs):
+        tried.append(tuple(ids.shape))
+        if ids.shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_call(ids, **kwargs)
+
+    monkeypatch.setattr(lm, "_model_call", call)
+    assert lm._largest_fitting(length=20, cap=64) == 8
+    assert tried == [(2, 20), (4, 20), (8, 20), (16, 20)]
+    tried.clear()
+    assert lm._largest_fitting(length=20, cap=4) == 4 and tried == [(2, 20), (4, 20)]

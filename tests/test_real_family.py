@@ -6,17 +6,22 @@ Every deterministic method must be bit-exact (max abs difference 0). TIES-family
 mergekit with stable sorts (`mergekit_oracle.stable_sorts`): its own unstable sort picks among
 equal magnitudes at the density cut arbitrarily, and real bf16 tensors have many of those.
 `reproduce --verify` must accept mergekit's own SLERP merge of the family and name the tensor
-when one entry is changed.
+when one entry is changed. `evomerge eval` with its default batch size (auto) must give
+`lm-eval run`'s scores and size its batch for the requests it scores, not for the model's
+8,192-token maximum length.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import lm_eval_run, run_cli
 from mergekit_oracle import (
     assert_configs_match,
     assert_tensors_match,
@@ -32,6 +37,8 @@ from safetensors.torch import load_file, save_file
 from evomerge.reproduce import reproduce
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+CAPITALS = REPO / "recipes" / "tasks" / "capitals"
 LAYERS = 30
 EMBED = "model.embed_tokens.weight"
 
@@ -167,3 +174,48 @@ def test_reproduce_verifies_mergekits_slerp_and_names_a_changed_tensor(smol_fami
     report = reproduce(str(tampered), verify=True, device="cpu", echo=lines.append)
     assert report is not None and not report.passed
     assert [row.name for row in report.failures] == [name]
+
+
+def test_eval_with_the_default_batch_size_gives_lm_evals_scores(
+    smol_family, tmp_path, monkeypatch, capsys
+):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "ours.json"
+    args = ["eval", str(smol_family.base), "--tasks", "capitals", "--include-path", str(CAPITALS)]
+    code, _, _ = run_cli([*args, "--device", "cpu", "--output", str(out), "--log-samples"],
+                         monkeypatch, capsys)  # fmt: skip
+    assert code in (0, None)
+    ours = json.loads(out.read_text())["tasks"]
+    assert ours["settings"]["dtype"] == "bfloat16"
+    # The probe saw the longest question-and-answer pair, not the model's maximum length.
+    tokenizer = AutoTokenizer.from_pretrained(smol_family.base)
+    rows = [json.loads(line) for line in (CAPITALS / "capitals.jsonl").read_text().splitlines()]
+    longest = max(
+        len(tokenizer(f"Question: What is the capital of {row['country']}?\nAnswer: {choice}",
+                      add_special_tokens=False).input_ids)
+        for row in rows
+        for choice in row["choices"]
+    )  # fmt: skip
+    assert ours["settings"]["batch_probe"]["length"] == longest < 64
+
+    # bf16 log-likelihoods depend on how requests are batched: lm-eval runs at the same size.
+    batch = str(ours["settings"]["batch_size"])
+    reference = lm_eval_run(
+        smol_family.base, "capitals", CAPITALS, tmp_path / "lm_eval", "--batch_size", batch
+    )
+    (score,) = ours["scores"]
+    row = reference["results"]["capitals"]
+    assert (score["value"], score["stderr"]) == (row["acc,none"], row["acc_stderr,none"])
+    assert score["value"] > 0.5  # a real model that knows capitals
+    assert per_choice(ours["samples"]["capitals"]) == per_choice(reference["samples"]["capitals"])
+
+
+def per_choice(samples: list[dict]) -> list[tuple]:
+    """(document, each choice's log-likelihood, acc); lm-eval's files hold them as strings."""
+    return sorted(
+        (s["doc_id"], [float(loglik) for loglik, _ in s["filtered_resps"]], s["acc"])
+        for s in samples
+    )
