@@ -160,3 +160,13 @@ def add_tokens(source: Path, out: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     config["vocab_size"] = len(tokenizer)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+if __name__ == "__main__":  # python tests/real_family.py OUT: the family into OUT (for recipes)
+    import sys
+
+    target = Path(sys.argv[1])
+    if target.exists():
+        sys.exit(f"error: {target}: already exists; give a new folder")
+    build(gguf_path(), target)
+    print(f"wrote {target}: base, {', '.join(EXPERTS)}, expert_tokens")

@@ -8,7 +8,8 @@ equal magnitudes at the density cut arbitrarily, and real bf16 tensors have many
 `reproduce --verify` must accept mergekit's own SLERP merge of the family and name the tensor
 when one entry is changed. `evomerge eval` with its default batch size (auto) must give
 `lm-eval run`'s scores and size its batch for the requests it scores, not for the model's
-8,192-token maximum length.
+8,192-token maximum length. The real-family search recipe (`recipes/smol-ps.yaml`) runs end to
+end on a tiny budget.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import lm_eval_run, run_cli
+import yaml
+from helpers import lm_eval_run, run, run_cli
 from mergekit_oracle import (
     assert_configs_match,
     assert_tensors_match,
@@ -219,3 +221,23 @@ def per_choice(samples: list[dict]) -> list[tuple]:
         (s["doc_id"], [float(loglik) for loglik, _ in s["filtered_resps"]], s["acc"])
         for s in samples
     )
+
+
+def test_the_real_family_search_recipe_runs_end_to_end(smol_family, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    text = (REPO / "recipes" / "smol-ps.yaml").read_text()
+    data = yaml.safe_load(text.replace("./runs/smol-family", str(smol_family.base.parent)))
+    data["fitness"]["include_path"] = [str(CAPITALS)]
+    data.update(budget={"evaluations": 4}, device="cpu")
+    data["optimizer"]["population"] = 4
+    recipe = tmp_path / "smol-ps.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    summary = run(recipe, out, write_model=False)
+    assert len(summary.trials) == 4 and not any(t.outcome.failed for t in summary.trials)
+    assert {r.kind for r in summary.references} == {"source", "uniform", "best"}
+    assert all(0 < r.heldout_total <= 1 for r in summary.references)
+    report = (out / "report.md").read_text()
+    assert "| materialize |" in report and "| evaluate |" in report
+    assert str(smol_family.experts[1]) in (out / "best_recipe.yaml").read_text()
