@@ -479,7 +479,7 @@ def test_eval_refuses_pickled_weights_unless_allowed(
 # batch_size "auto": fixed at the first requests, for their lengths
 
 
-def test_auto_batch_size_is_fixed_for_the_longest_request(family):
+def test_auto_batch_size_is_sized_for_the_longest_request(family):
     from evomerge.evals.lm import CPU_BATCH_TOKENS
 
     candidate = load_candidate(family.base, device="cpu")
@@ -489,12 +489,15 @@ def test_auto_batch_size_is_fixed_for_the_longest_request(family):
     requests = generation_requests(["."], 30, seed=2)
     longest = max(len(lm.tok_encode(r.args[0])) + r.args[1]["max_gen_toks"] for r in requests)
     lm.generate_until(requests)
-    assert lm.probe is not None and lm.probe.length == longest
-    assert lm.probe.how == "cpu token budget"
+    probe = lm.probe
+    assert probe is not None and probe.length == longest and probe.how == "cpu token budget"
     expected = min(16, CPU_BATCH_TOKENS // longest)  # 30 requests: no batch above 16
-    assert lm.batch_size_per_gpu == lm.probe.batch_size == 1 << (expected.bit_length() - 1)
-    lm.generate_until(generation_requests(["."], 5, seed=3))
-    assert lm.probe.length == longest  # fixed once: every later run batches alike
+    assert lm.batch_size_per_gpu == probe.batch_size == 1 << (expected.bit_length() - 1)
+    short = generation_requests(["."], 3, seed=3)
+    lm.generate_until(short)
+    assert lm.probe.batch_size <= 2  # its own size: three requests
+    lm.generate_until(requests)
+    assert lm.probe is probe  # the same requests are batched as before, every time
 
 
 def test_auto_batch_size_on_an_accelerator_doubles_while_a_batch_fits(family, monkeypatch):

@@ -178,20 +178,24 @@ def test_reproduce_verifies_mergekits_slerp_and_names_a_changed_tensor(smol_fami
     assert [row.name for row in report.failures] == [name]
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
 def test_eval_with_the_default_batch_size_gives_lm_evals_scores(
-    smol_family, tmp_path, monkeypatch, capsys
+    chat, smol_family, tmp_path, monkeypatch, capsys
 ):
+    """The defaults a user meets on an instruct model (batch size auto, the checkpoint's dtype,
+    the chat template only when asked for) against `lm-eval run` with the same flags."""
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "ours.json"
     args = ["eval", str(smol_family.base), "--tasks", "capitals", "--include-path", str(CAPITALS)]
-    code, _, _ = run_cli([*args, "--device", "cpu", "--output", str(out), "--log-samples"],
-                         monkeypatch, capsys)  # fmt: skip
+    args += ["--device", "cpu", "--output", str(out), "--log-samples"]
+    code, _, _ = run_cli([*args, *(["--apply-chat-template"] if chat else [])], monkeypatch, capsys)
     assert code in (0, None)
     ours = json.loads(out.read_text())["tasks"]
-    assert ours["settings"]["dtype"] == "bfloat16"
+    settings = ours["settings"]
+    assert settings["dtype"] == "bfloat16" and settings["apply_chat_template"] is chat
     # The probe saw the longest question-and-answer pair, not the model's maximum length.
     tokenizer = AutoTokenizer.from_pretrained(smol_family.base)
     rows = [json.loads(line) for line in (CAPITALS / "capitals.jsonl").read_text().splitlines()]
@@ -201,13 +205,14 @@ def test_eval_with_the_default_batch_size_gives_lm_evals_scores(
         for row in rows
         for choice in row["choices"]
     )  # fmt: skip
-    assert ours["settings"]["batch_probe"]["length"] == longest < 64
+    probed = settings["batch_probe"]["length"]
+    assert probed > longest if chat else probed == longest  # the template adds its tokens
+    assert probed < 100
 
     # bf16 log-likelihoods depend on how requests are batched: lm-eval runs at the same size.
-    batch = str(ours["settings"]["batch_size"])
-    reference = lm_eval_run(
-        smol_family.base, "capitals", CAPITALS, tmp_path / "lm_eval", "--batch_size", batch
-    )
+    theirs = ["--batch_size", str(settings["batch_size"])]
+    theirs += ["--apply_chat_template"] if chat else []
+    reference = lm_eval_run(smol_family.base, "capitals", CAPITALS, tmp_path / "lm_eval", *theirs)
     (score,) = ours["scores"]
     row = reference["results"]["capitals"]
     assert (score["value"], score["stderr"]) == (row["acc,none"], row["acc_stderr,none"])
