@@ -10,14 +10,16 @@ What it does:
    bf16, two safetensors shards each with an index json, under WORKDIR/family-<N>M/. Later
    runs reuse it (about 1 GB per model at 0.5B; about 50 s to build on 2 cores).
 2. Runs the same 3-model TIES recipe (`--file-method task_arithmetic` for an I/O-bound one)
-   through `evomerge merge` and `mergekit-yaml` as child processes, alternating (evomerge,
-   mergekit, evomerge, mergekit), and reports wall time, the child's peak RSS (exact, from
+   through `evomerge merge` with its default selection (mergekit's sort: mergekit's tensors),
+   through `evomerge merge` with `selection: fast` (linear-time cut) and through `mergekit-yaml`,
+   as child processes, in turn, and reports wall time, the child's peak RSS (exact, from
    os.wait4) and its sampled peak anonymous RSS, and input+output bytes per second. The page
    cache is not dropped (that needs root): the family is read once beforehand, so every run is
-   warm. Then it compares the two outputs tensor by tensor (max abs difference, in float32).
+   warm. Then it compares each evomerge output with mergekit's tensor by tensor (max abs
+   difference, in float32; the fast selection differs only among ties at the cut).
 3. Times the in-memory API (`ResidentMerger.materialize`) for task_arithmetic, ties and
-   dare_ties on a family of `--resident-params` parameters (100M by default: TIES sorts every
-   task vector on every call, minutes at 0.5B on 2 cores), against one `dst.copy_(src)` pass
+   dare_ties with the fast selection (what searches use) on a family of `--resident-params`
+   parameters (100M by default), against one `dst.copy_(src)` pass
    over the same output tensors. With a CUDA device present it also runs there.
 
 TIES at 0.5B is sort-bound in both tools (about 1.5-3 min a run on 2 busy cores), so the
@@ -280,9 +282,17 @@ def timed(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float,
     return wall, usage.ru_maxrss / 1024, anon_kb / 1024
 
 
+TOOLS = ("evomerge", "evomerge-fast", "mergekit")  # evomerge-fast: the recipe + selection: fast
+
+
+def fast_recipe(recipe: Path) -> Path:
+    return recipe.with_name(f"{recipe.stem}-fast.yaml")
+
+
 def merge_command(tool: str, recipe: Path, out: Path, device: str) -> list[str]:
-    if tool == "evomerge":
-        return ["evomerge", "merge", str(recipe), str(out), "--device", device]
+    if tool.startswith("evomerge"):
+        file = fast_recipe(recipe) if tool == "evomerge-fast" else recipe
+        return ["evomerge", "merge", str(file), str(out), "--device", device]
     cmd = ["mergekit-yaml", str(recipe), str(out)]
     return [*cmd, "--cuda"] if device == "cuda" else cmd
 
@@ -312,12 +322,12 @@ def file_merges(
     in_bytes = sum(weight_bytes(d) for d in dirs)
     runs: list[Run] = []
     for r in range(rounds):
-        for tool in ("evomerge", "mergekit"):
+        for tool in TOOLS:
             out = workdir / f"out-{tool}-{device}"
             log = workdir / f"{tool}-{device}-{r}.log"
             run = run_tool(tool, recipe, out, device, in_bytes, log, env)
             print(
-                f"  {tool:9s} run {r + 1}: {run.wall_s:6.1f} s, peak RSS {run.peak_rss_mb:6.0f} MB"
+                f"  {tool:13s} run {r + 1}: {run.wall_s:6.1f} s, peak RSS {run.peak_rss_mb:6.0f} MB"
                 f" (anonymous {run.peak_anon_mb:.0f} MB)"
             )
             runs.append(run)
@@ -422,7 +432,9 @@ def resident_bench(
     from evomerge.merge.recipe import parse_recipe
     from evomerge.merge.resident import ResidentMerger
 
-    recipe = parse_recipe(recipe_dict(method, dirs, RESIDENT_METHODS[method]))
+    recipe = parse_recipe(
+        {**recipe_dict(method, dirs, RESIDENT_METHODS[method]), "selection": "fast"}
+    )
     start = time.perf_counter()
     merger = ResidentMerger(recipe, device=device)
     model = merger.build_model()
@@ -460,31 +472,34 @@ def profile_evomerge(recipe: Path, workdir: Path, device: str, top: int = 25) ->
 # Report
 
 
-def ratio_row(label: str, evo: list[float], mk: list[float], fmt: str) -> str:
-    cells = [format(v, fmt) for v in (*evo, *mk)]
-    ratio = statistics.median(evo) / statistics.median(mk)
-    return f"{label:26s}" + "".join(f"{c:>10s}" for c in cells) + f"{ratio:>9.2f}x"
-
-
 def file_table(runs: list[Run], startup: dict[str, float], title: str) -> list[str]:
-    evo = [r for r in runs if r.tool == "evomerge"]
-    mk = [r for r in runs if r.tool == "mergekit"]
-    head = "".join(f"{f'evo #{i + 1}':>10s}" for i in range(len(evo)))
-    head += "".join(f"{f'mk #{i + 1}':>10s}" for i in range(len(mk)))
-    lines = [f"{title:26s}{head}{'evo/mk':>10s}"]
-
-    def row(label: str, attr: str, fmt: str) -> None:
-        lines.append(
-            ratio_row(label, [getattr(r, attr) for r in evo], [getattr(r, attr) for r in mk], fmt)
+    """Median per tool, and each evomerge selection's median over mergekit's."""
+    medians = {
+        tool: {
+            attr: statistics.median(getattr(r, attr) for r in runs if r.tool == tool)
+            for attr in ("wall_s", "peak_rss_mb", "peak_anon_mb", "mb_per_s")
+        }
+        for tool in TOOLS
+    }
+    rounds = sum(r.tool == "mergekit" for r in runs)
+    head = "".join(f"{tool:>15s}" for tool in TOOLS) + f"{'evo/mk':>9s}{'fast/mk':>9s}"
+    lines = [f"{title:26s}{head}", f"{f'(median of {rounds} rounds)':26s}"]
+    labels = {
+        "wall_s": ("wall time [s]", ".1f"),
+        "peak_rss_mb": ("peak RSS [MB]", ".0f"),
+        "peak_anon_mb": ("  of it anonymous [MB]", ".0f"),
+        "mb_per_s": ("read+write [MB/s]", ".0f"),
+    }
+    for attr, (label, fmt) in labels.items():
+        cells = "".join(f"{format(medians[t][attr], fmt):>15s}" for t in TOOLS)
+        mk = medians["mergekit"][attr]
+        ratios = (
+            f"{medians['evomerge'][attr] / mk:>8.2f}x{medians['evomerge-fast'][attr] / mk:>8.2f}x"
         )
-
-    row("wall time [s]", "wall_s", ".1f")
-    row("peak RSS [MB]", "peak_rss_mb", ".0f")
-    row("  of it anonymous [MB]", "peak_anon_mb", ".0f")
-    row("read+write [MB/s]", "mb_per_s", ".0f")
+        lines.append(f"{label:26s}{cells}{ratios}")
     if startup:
-        pad = [startup["evomerge"]] * len(evo), [startup["mergekit-yaml"]] * len(mk)
-        lines.append(ratio_row("CLI start (--help) [s]", *pad, ".1f"))
+        cells = "".join(f"{startup[t]:>15.1f}" for t in ("evomerge", "evomerge", "mergekit-yaml"))
+        lines.append(f"{'CLI start (--help) [s]':26s}{cells}")
     return lines
 
 
@@ -587,17 +602,20 @@ def file_part(args, devs: list[str]) -> list[str]:
     params = TIES_PARAMS if args.file_method == "ties" else TA_PARAMS
     recipe = args.workdir / f"{args.file_method}.yaml"
     write_recipe(recipe, recipe_dict(args.file_method, dirs, params))
+    write_recipe(fast_recipe(recipe), {**recipe_dict(args.file_method, dirs, params),
+                                       "selection": "fast"})  # fmt: skip
     warm_cache(dirs)
     env = child_env(args.threads)
     startup = {t: startup_seconds(t, args.workdir, env) for t in ("evomerge", "mergekit-yaml")}
     lines = []
     for device in devs:
         runs = file_merges(recipe, dirs, args.workdir, device, args.rounds, env)
-        diffs = compare_outputs(
-            args.workdir / f"out-evomerge-{device}", args.workdir / f"out-mergekit-{device}"
-        )
-        print(f"  output agreement ({device}):")
-        print_diffs(diffs, args.workdir / f"diffs-{device}.tsv")
+        for tool in ("evomerge", "evomerge-fast"):
+            diffs = compare_outputs(
+                args.workdir / f"out-{tool}-{device}", args.workdir / f"out-mergekit-{device}"
+            )
+            print(f"  output agreement, {tool} vs mergekit ({device}):")
+            print_diffs(diffs, args.workdir / f"diffs-{tool}-{device}.tsv")
         title = f"{args.file_method} {shape.millions}M {device}"
         lines += [*file_table(runs, startup, title), ""]
         startup = {}

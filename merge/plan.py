@@ -303,6 +303,7 @@ def resolve_task(
     )
     kind = method.extras.get("sparsification")
     if kind is not None:
+        task.shared["selection"] = recipe.selection or "mergekit"
         for (model, _), params in zip(task.inputs, task.per_input, strict=True):
             problem = sparsity_problem(kind, params)
             if problem is not None:

@@ -148,6 +148,11 @@ class Recipe(_Strict):
     tokenizer_source: Literal["union", "base"] | ModelRef | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
+    # How TIES-style trimming picks among entries of equal magnitude at the density cut (an
+    # evomerge key; mergekit ignores it): None or "mergekit" sorts as mergekit 0.1.5 does, so
+    # the tensors equal mergekit-yaml's on the same torch build; "fast" finds the cut in linear
+    # time and takes equal entries in index order (merge/methods/select.py).
+    selection: Literal["mergekit", "fast"] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -196,7 +196,12 @@ class SearchRecipe(_Strict):
         if isinstance(data.get("merge"), dict):
             dfs = isinstance(space, dict) and space.get("type") == "dfs"
             method = "passthrough" if dfs else DEFAULT_METHOD
-            data = {**data, "merge": {"merge_method": method, **data["merge"]}}
+            merge = {"merge_method": method, **data["merge"]}
+            if _trims_by_magnitude(merge["merge_method"]):
+                # Candidates trim in linear time; best_recipe.yaml records it, so `evomerge
+                # merge` of it rebuilds exactly the model that was scored.
+                merge.setdefault("selection", "fast")
+            data = {**data, "merge": merge}
         return data
 
     def fingerprint(self) -> str:
@@ -207,6 +212,15 @@ class SearchRecipe(_Strict):
         )
         decisive["fitness"].pop("include_path", None)
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _trims_by_magnitude(method: Any) -> bool:
+    from evomerge.merge.methods import get_method, method_names
+
+    if not isinstance(method, str) or method not in method_names():
+        return False  # an unknown method is reported by the recipe's own validation
+    kind = get_method(method).extras.get("sparsification")
+    return kind in ("magnitude", "magnitude_outliers")
 
 
 def parse_search_recipe(data: Any, origin: str, base_dir: Path | None = None) -> SearchRecipe:

@@ -10,10 +10,12 @@ tests compare statistics (kept fraction, L1 norm of the kept delta, regression s
 merged delta on the true delta) against the expectation and against mergekit's output, and
 check evomerge's own reproducibility (seeds, file merge == in-memory merge).
 
-TIES and breadcrumbs keep entries by magnitude rank. mergekit sorts with an unstable sort, so
-among entries of equal magnitude at the cut (common in bf16) its choice is arbitrary; evomerge
-takes them in index order. mergekit runs here with its sorts made stable, which is the same
-rule, so those methods are compared bit for bit in every dtype.
+TIES and breadcrumbs keep entries by magnitude rank. By default evomerge sorts as mergekit does
+(the same torch calls on the same values), so they are compared with mergekit as it is, bit for
+bit in every dtype. With `selection: fast` evomerge finds the cut in linear time and takes
+entries of equal magnitude at the cut in index order; those recipes are compared with mergekit
+with its sorts made stable (the same rule), also bit for bit: so the two selections differ only
+among ties at the cut.
 """
 
 from __future__ import annotations
@@ -49,12 +51,6 @@ ARCHS = ["llama", "mistral"]
 
 # --------------------------------------------------------------------------------------------
 # fixtures and helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _mergekit_stable_sorts():
-    with stable_sorts():
-        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -356,6 +352,15 @@ CASES: dict[str, Case] = {
     },
     # dtypes: compute in bf16, write bf16 / fp32 / fp16.
     "ties_dtype_bf16": lambda b, e, n: {**CASES["ties"](b, e, n), "dtype": "bfloat16"},
+    "ties_dtype_fp16": lambda b, e, n: {**CASES["ties"](b, e, n), "dtype": "float16"},
+    "breadcrumbs_dtype_bf16": lambda b, e, n: {
+        **CASES["breadcrumbs"](b, e, n),
+        "dtype": "bfloat16",
+    },
+    "breadcrumbs_ties_dtype_fp16": lambda b, e, n: {
+        **CASES["breadcrumbs_ties"](b, e, n),
+        "dtype": "float16",
+    },
     "ties_bf16_out_float32": lambda b, e, n: {
         **CASES["ties"](b, e, n),
         "dtype": "bfloat16",
@@ -383,6 +388,21 @@ def test_matches_mergekit(case, arch, families, tmp_path):
     assert n >= 2, "the fixture family needs at least two layers for slices"
     config = CASES[case](str(fam.base), [str(p) for p in fam.experts], n)
     merge_both(config, tmp_path)
+
+
+MAGNITUDE_CASES = [
+    name for name, case in CASES.items()
+    if case("b", ["e1", "e2"], 2)["merge_method"] in ("ties", "breadcrumbs", "breadcrumbs_ties")
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("case", MAGNITUDE_CASES)
+def test_fast_selection_matches_mergekit_with_stable_sorts(case, arch, families, tmp_path):
+    fam = families[arch]
+    config = CASES[case](str(fam.base), [str(p) for p in fam.experts], num_layers(fam.base))
+    with stable_sorts():
+        merge_both({**config, "selection": "fast"}, tmp_path)
 
 
 def test_frankenmerge_layer_count(families, tmp_path):
@@ -745,3 +765,22 @@ def test_resident_merger_matches_file_merge(arch, families, tmp_path):
     on_disk2 = load_tensors(run_evomerge(second, tmp_path / "file2", seed=5))
     assert_same(model.state_dict(), on_disk2)
     assert any(not torch.equal(on_disk[n], on_disk2[n]) for n in on_disk)
+
+
+@pytest.mark.parametrize("selection", ["mergekit", "fast"])
+def test_search_candidate_in_memory_equals_its_written_model(selection, families, tmp_path):
+    """A bf16 TIES candidate scored in memory is the model written for it, with either
+    selection (the search records its selection in the recipe it writes)."""
+    fam = families["llama"]
+    b, e = str(fam.base), [str(p) for p in fam.experts]
+    extra = {"dtype": "bfloat16", "selection": selection}
+    first = parse_recipe({**CASES["ties"](b, e, 2), **extra})
+    config = {**CASES["ties_gradients"](b, e, 2), **extra}
+    recipe = parse_recipe(copy.deepcopy(config))
+    assert ("selection: fast" in recipe.to_yaml()) is (selection == "fast")
+    merger = ResidentMerger(first, device="cpu")
+    model = merger.build_model()
+    merger.materialize(model, recipe)  # the next candidate, in place
+    on_disk = load_tensors(run_evomerge(config, tmp_path / "file"))
+    state = model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in on_disk.items())

@@ -2,9 +2,11 @@
 layers, grouped-query attention, tied embeddings: no `lm_head` tensor in the files, a 49,152-token
 BPE tokenizer) and two experts derived from it (`tests/real_family.py`).
 
-Every deterministic method must be bit-exact (max abs difference 0). TIES-family methods run
-mergekit with stable sorts (`mergekit_oracle.stable_sorts`): its own unstable sort picks among
-equal magnitudes at the density cut arbitrarily, and real bf16 tensors have many of those.
+Every deterministic method must be bit-exact (max abs difference 0), TIES included: by default
+evomerge sorts magnitudes as mergekit does. With `selection: fast` (linear-time cut, equal
+magnitudes at the cut taken in index order) TIES is compared with mergekit with its sorts made
+stable (`mergekit_oracle.stable_sorts`), and it must differ from the default: real bf16 tensors
+have many equal magnitudes at the cut.
 `reproduce --verify` must accept mergekit's own SLERP merge of the family and name the tensor
 when one entry is changed. `evomerge eval` with its default batch size (auto) must give
 `lm-eval run`'s scores and size its batch for the requests it scores, not for the model's
@@ -14,6 +16,7 @@ end on a tiny budget.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -119,6 +122,7 @@ CASES: dict[str, Case] = {
             {"model": e[1], "parameters": {"weight": 1.0, "density": 0.7}},
         ],
     },
+    "ties_fast": lambda b, e, t: {**CASES["ties"](b, e, t), "selection": "fast"},
     "union_tokenizer_linear": lambda b, e, t: {
         "merge_method": "linear",
         "base_model": b,
@@ -141,7 +145,7 @@ def config_of(case: str, family: RealFamily) -> dict[str, Any]:
 def test_real_family_bit_exact_with_mergekit(case, smol_family, tmp_path):
     config = config_of(case, smol_family)
     evo_dir = run_evomerge(config, tmp_path / "evomerge")
-    with stable_sorts():
+    with stable_sorts() if config.get("selection") == "fast" else contextlib.nullcontext():
         ref_dir = run_mergekit(config, tmp_path / "mergekit")
     evo, ref = load_tensors(evo_dir), load_tensors(ref_dir)
     assert_configs_match(evo_dir, ref_dir)
@@ -158,10 +162,14 @@ def test_real_family_bit_exact_with_mergekit(case, smol_family, tmp_path):
         assert set(ADDED_TOKENS) <= set(vocab) and evo[EMBED].shape[0] == len(vocab)
     if case == "passthrough_frankenmerge":
         assert load_config(evo_dir)["num_hidden_layers"] == 40
+    if case == "ties_fast":  # the selections differ, and only among ties at the cut (above)
+        default = load_tensors(run_evomerge(config_of("ties", smol_family), tmp_path / "default"))
+        assert sum(not torch.equal(default[n], evo[n]) for n in evo) > 100
 
 
-def test_reproduce_verifies_mergekits_slerp_and_names_a_changed_tensor(smol_family, tmp_path):
-    config = config_of("slerp_gradient_filters", smol_family)
+@pytest.mark.parametrize("case", ["slerp_gradient_filters", "ties"])
+def test_reproduce_verifies_mergekits_merge_and_names_a_changed_tensor(case, smol_family, tmp_path):
+    config = config_of(case, smol_family)
     published = run_mergekit(config, tmp_path / "mk", card=True)
     lines: list[str] = []
     report = reproduce(str(published), verify=True, device="cpu", echo=lines.append)

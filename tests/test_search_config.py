@@ -59,6 +59,26 @@ def test_merge_method_defaults_to_dare_ties():
     assert parse_search_recipe(data, "s.yaml").merge.merge_method == "dare_ties"
 
 
+@pytest.mark.parametrize(
+    ("method", "given", "expected"),
+    [
+        ("ties", None, "fast"),
+        ("breadcrumbs_ties", None, "fast"),
+        ("ties", "mergekit", "mergekit"),
+        ("dare_ties", None, None),
+        ("della", None, None),
+    ],
+)
+def test_searches_trim_in_linear_time_unless_told(method, given, expected):
+    """Candidates of magnitude-trimming methods use the fast selection (recorded in the recipes
+    the search writes); a recipe that names a selection keeps it; other methods get none."""
+    data = recipe_data()
+    data["merge"]["merge_method"] = method
+    if given:
+        data["merge"]["selection"] = given
+    assert parse_search_recipe(data, "s.yaml").merge.selection == expected
+
+
 def test_parameter_range_defaults():
     weight = parse_search_recipe(recipe_data(), "s.yaml").space.parameters["weight"]
     assert (weight.start, weight.step) == (0.5, pytest.approx(1 / 6))

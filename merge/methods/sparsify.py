@@ -1,6 +1,10 @@
 """Sparsification of task vectors (TIES, DARE, breadcrumbs, DELLA), as mergekit does it.
 
-Random masks draw from an explicit generator so a seed reproduces a merge bit for bit.
+Random masks draw from an explicit generator so a seed reproduces a merge bit for bit. Magnitude
+trimming has two selections: "mergekit" sorts the magnitudes exactly as mergekit 0.1.5 does (the
+same torch calls on the same values, so among entries of equal magnitude at the cut, common in
+bf16, it keeps the ones mergekit keeps on the same torch build); "fast" finds the cut in linear
+time (select.py) and keeps equal entries in index order.
 """
 
 from __future__ import annotations
@@ -22,19 +26,31 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float
     return masked * (before / after)
 
 
-def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+def _sort_keys(tensor: torch.Tensor) -> torch.Tensor:
+    """The magnitudes mergekit sorts: float32 on the CPU, the tensor's own dtype elsewhere."""
+    w = tensor.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def magnitude(
+    tensor: torch.Tensor, density: float, rescale: bool, selection: str = "mergekit"
+) -> torch.Tensor:
     """Keep the `density` share of entries with the largest magnitude (TIES)."""
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    mask = largest(tensor.abs().reshape(-1), k).to(tensor.dtype)
+    if selection == "fast":
+        mask = largest(tensor.abs().reshape(-1), k).to(tensor.dtype)
+    else:
+        mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        mask[torch.argsort(_sort_keys(tensor), descending=True)[:k]] = 1
     return rescaled(tensor, mask.reshape_as(tensor), rescale)
 
 
 def magnitude_outliers(
-    tensor: torch.Tensor, density: float, rescale: bool, gamma: float
+    tensor: torch.Tensor, density: float, rescale: bool, gamma: float, selection: str = "mergekit"
 ) -> torch.Tensor:
     """Drop the `gamma` largest entries, then the smallest; keep `density` (Breadcrumbs)."""
     if density >= 1:
@@ -42,9 +58,15 @@ def magnitude_outliers(
     n = tensor.numel()
     keep = int(density * n)
     n_bottom = max(0, n - keep - int(gamma * n))
-    magnitudes = tensor.abs().reshape(-1)
-    window = smallest(magnitudes, n_bottom + keep) & ~smallest(magnitudes, n_bottom)
-    return rescaled(tensor, window.to(tensor.dtype).reshape_as(tensor), rescale)
+    if selection == "fast":
+        magnitudes = tensor.abs().reshape(-1)
+        window = smallest(magnitudes, n_bottom + keep) & ~smallest(magnitudes, n_bottom)
+        mask = window.to(tensor.dtype)
+    else:
+        mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+        order = torch.sort(_sort_keys(tensor), descending=False).indices
+        mask[order[n_bottom : n_bottom + keep]] = 1
+    return rescaled(tensor, mask.reshape_as(tensor), rescale)
 
 
 def _work_dtype(tensor: torch.Tensor) -> torch.dtype:

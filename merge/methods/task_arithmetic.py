@@ -27,16 +27,17 @@ def sparsify(
     params: dict[str, Any],
     rescale: bool,
     generator: torch.Generator | None,
+    selection: str = "mergekit",
 ) -> torch.Tensor:
     density = params["density"]
     if kind is None:
         return delta
     if kind == "magnitude":
-        return sp.magnitude(delta, density, rescale)
+        return sp.magnitude(delta, density, rescale, selection)
     if kind == "random":
         return sp.bernoulli(delta, density, rescale, generator)
     if kind == "magnitude_outliers":
-        return sp.magnitude_outliers(delta, density, rescale, params["gamma"])
+        return sp.magnitude_outliers(delta, density, rescale, params["gamma"], selection)
     if kind == "della_magprune":
         return sp.della_magprune(delta, density, rescale, params["epsilon"], generator)
     raise ValueError(kind)
@@ -61,7 +62,14 @@ def merge_deltas(
         sparse = torch.empty_like(deltas)
         for i, delta in enumerate(deltas):
             generator = generators(i) if generators is not None else None
-            sparse[i] = sparsify(sparsification, delta, params[i], shared["rescale"], generator)
+            sparse[i] = sparsify(
+                sparsification,
+                delta,
+                params[i],
+                shared["rescale"],
+                generator,
+                shared.get("selection", "mergekit"),
+            )
         deltas = sparse
     weights = torch.tensor([p["weight"] for p in params], dtype=deltas.dtype, device=deltas.device)
     weights = weights.reshape(-1, *([1] * (deltas.dim() - 1)))
