@@ -34,12 +34,15 @@ def merge(
         bool, typer.Option(help="Also load pickled .bin weights (can run code: trusted only).")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Refuse keys and parameters mergekit would ignore (warnings).")
+    ] = False,
 ) -> None:
     """Merge the models of RECIPE into a checkpoint in OUT_DIR."""
     from evomerge.merge.materialize import run_merge
     from evomerge.merge.recipe import load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = load_recipe(recipe, strict=strict)
     try:
         run_merge(
             parsed,

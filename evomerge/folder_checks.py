@@ -197,18 +197,8 @@ def find_recipe(folder: Path, name: str | None = None, *, card: bool = True) -> 
 
 
 def _parse(data: dict[str, Any], origin: str) -> Recipe:
-    """Parse a recipe; mergekit's Python API saves one as `modules: {default: ...}`: unwrap it."""
-    modules = data.get("modules")
-    if (
-        isinstance(modules, dict)
-        and list(modules) == ["default"]
-        and isinstance(modules["default"], dict)
-    ):
-        module = dict(modules["default"])
-        data = {key: value for key, value in data.items() if key != "modules"}
-        if "parameters" in module:  # module parameters are the more specific ones
-            data["parameters"] = {**(data.get("parameters") or {}), **module.pop("parameters")}
-        data |= module
+    """Parse a recipe (mergekit's Python API saves one as `modules: {default: ...}`, which
+    `parse_recipe` unwraps)."""
     return parse_recipe(data, origin)
 
 

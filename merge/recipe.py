@@ -8,6 +8,8 @@ a slice and on a source; the most specific one wins (see `parameters.py`).
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +28,8 @@ from pydantic import (
 )
 
 from evomerge.merge.errors import MergeError, first_line
+
+Warn = Callable[[str], None]
 
 Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
 ScalarOrGradient = Scalar | list[Scalar]
@@ -154,15 +158,6 @@ class Recipe(_Strict):
     # time and takes equal entries in index order (merge/methods/select.py).
     selection: Literal["mergekit", "fast"] | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_modules(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "modules" in data:
-            raise ValueError(
-                "multi-module recipes ('modules') are not supported; use models or slices"
-            )
-        return data
-
     @model_validator(mode="after")
     def _one_input_form(self) -> Recipe:
         if bool(self.models) == bool(self.slices):
@@ -198,13 +193,15 @@ class Recipe(_Strict):
         return dump_yaml(data)
 
     @classmethod
-    def from_yaml(cls, text: str, origin: str = "recipe") -> Recipe:
+    def from_yaml(
+        cls, text: str, origin: str = "recipe", *, strict: bool = False, warn: Warn | None = None
+    ) -> Recipe:
         data = parse_yaml(text, origin)
         if not isinstance(data, dict):
             raise MergeError(
                 f"{origin}: expected a YAML mapping with merge_method and models/slices"
             )
-        return parse_recipe(data, origin)
+        return parse_recipe(data, origin, strict=strict, warn=warn)
 
 
 MAX_YAML_NODES = 1_000_000  # the document's size with every alias expanded
@@ -251,7 +248,16 @@ def parse_yaml(text: str, origin: str, error: type[MergeError] = MergeError) -> 
         raise error(f"{origin}: malformed YAML{where}: {problem}") from None
 
 
-def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+def parse_recipe(
+    data: dict[str, Any], origin: str = "recipe", *, strict: bool = False, warn: Warn | None = None
+) -> Recipe:
+    """A recipe from parsed YAML, read as mergekit reads it: keys and parameters mergekit ignores
+    are dropped with a warning (`warn`, default: a `warning: ...` line on stderr), or are an
+    error with `strict` (merge/lenient.py)."""
+    from evomerge.merge.lenient import accept_mergekit_recipe
+
+    if isinstance(data, dict):
+        data = accept_mergekit_recipe(data, origin, strict, warn or print_warning)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -281,9 +287,13 @@ def read_json_object(path: Path, what: str, error: type[MergeError] = MergeError
     return data
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, strict: bool = False, warn: Warn | None = None) -> Recipe:
     path = Path(path)
-    return Recipe.from_yaml(read_text(path, "recipe"), origin=str(path))
+    return Recipe.from_yaml(read_text(path, "recipe"), origin=str(path), strict=strict, warn=warn)
+
+
+def print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def describe_validation_error(

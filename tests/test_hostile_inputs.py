@@ -152,10 +152,6 @@ def _unknown_method(fam, r):
     return merge_recipe(fam, r, "tiess"), "tiess"
 
 
-def _unknown_parameter(fam, r):
-    return merge_recipe(fam, r, "ties", densty=0.5), "densty"
-
-
 def _missing_model(fam, r):
     path = merge_recipe(fam, r)
     path.write_text(path.read_text().replace(str(fam / "expert_2"), str(fam / "gone")))
@@ -200,7 +196,7 @@ MERGE_CASES = {
         _config_not_json, _config_a_list, _layers_a_word, _config_missing, _hidden_size_off,
         _vocab_size_off, _tokenizer_config_broken, _recipe_not_utf8, _recipe_not_yaml,
         _recipe_a_list, _della_epsilon, _dare_negative_density, _nan_in_a_source, _inf_weight,
-        _unknown_method, _unknown_parameter, _missing_model, _model_is_a_file, _only_pickles,
+        _unknown_method, _missing_model, _model_is_a_file, _only_pickles,
         _no_weights, _truncated_weights, _shape_mismatch,
     )
 }  # fmt: skip

@@ -372,6 +372,18 @@ def test_cli_merge_succeeds(llama, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 
+def test_cli_merge_warns_about_what_mergekit_ignores(llama, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**ties_recipe(llama), "dype": "bfloat16"}))
+    code, err = run_cli(["merge", str(recipe), str(tmp_path / "o"), "--device", "cpu"],
+                        monkeypatch, capsys)  # fmt: skip
+    assert code in (0, None) and (tmp_path / "o" / "model.safetensors").is_file()
+    warning = f"warning: {recipe}: dype: not a recipe key (did you mean dtype?); mergekit ignores"
+    assert warning in err
+
+
 def _bad_cases(llama, mistral, tmp_path: Path) -> dict[str, tuple[str, str, list[str]]]:
     """name -> (recipe text, expected message part, extra args)."""
     base, e1 = str(llama.base), str(llama.experts[0])
@@ -397,8 +409,8 @@ def _bad_cases(llama, mistral, tmp_path: Path) -> dict[str, tuple[str, str, list
         "method": (f"merge_method: tiez\nmodels: [{{model: {e1}}}]\n", "unknown method 'tiez'", []),
         "parameter": (
             ties.format(base=base, m=e1).replace("weight", "wieght"),
-            "parameters.wieght: not a parameter of ties",
-            [],
+            "parameters.wieght: ties takes no such parameter (did you mean weight?); remove it",
+            ["--strict"],
         ),
         "no_safetensors": (ties.format(base=base, m=empty), "no *.safetensors weights", []),
         "pickle": (ties.format(base=base, m=pickled), "--allow-pickle", []),
@@ -441,7 +453,10 @@ def test_cli_bad_inputs(name, llama, mistral, tmp_path, monkeypatch, capsys):
     if "exists" in extra:
         out.mkdir()
         (out / "mine.txt").write_text("keep")
-    code, err = run_cli(["merge", str(recipe), str(out), "--device", "cpu"], monkeypatch, capsys)
+    flags = [x for x in extra if x.startswith("--")]
+    code, err = run_cli(
+        ["merge", str(recipe), str(out), "--device", "cpu", *flags], monkeypatch, capsys
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err

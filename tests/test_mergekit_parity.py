@@ -784,3 +784,27 @@ def test_search_candidate_in_memory_equals_its_written_model(selection, families
     on_disk = load_tensors(run_evomerge(config, tmp_path / "file"))
     state = model.state_dict()
     assert all(torch.equal(state[name], tensor) for name, tensor in on_disk.items())
+
+
+IGNORED_KEYS: dict[str, Case] = {
+    "top_level_name_and_typo": lambda b, e, n: {
+        **CASES["linear"](b, e, n), "name": "my-merge", "dype": "float16"},
+    "model_stock_weight": lambda b, e, n: {
+        "merge_method": "model_stock", "base_model": b,
+        "models": _models([(e[0], {"weight": 1.0}), (e[1], {"weight": 0.5})])},
+    "unknown_parameter_and_entry_key": lambda b, e, n: {
+        "merge_method": "ties", "base_model": b,
+        "models": [{"model": e[0], "parameters": {"weight": 0.6, "density": 0.5, "foo": 1},
+                    "note": "x"}, {"model": e[1], "parameters": {"weight": 0.4, "density": 0.7}}]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(IGNORED_KEYS))
+def test_keys_mergekit_ignores_are_ignored_alike(case, families, tmp_path, capsys):
+    """mergekit merges these recipes as if the extra keys were absent; so does evomerge, with a
+    warning per key on stderr."""
+    fam = families["llama"]
+    config = IGNORED_KEYS[case](str(fam.base), [str(p) for p in fam.experts], 2)
+    merge_both(config, tmp_path)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings and all("mergekit ignores it" in line for line in warnings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
 
@@ -62,10 +64,6 @@ def test_mergekit_model_reference_dict_form():
             "slices.0.sources",
         ),
         (
-            {"merge_method": "linear", "models": [{"model": "a", "weight": 1}]},
-            "models.0.weight: unknown key",
-        ),
-        (
             {
                 "merge_method": "passthrough",
                 "slices": [{"sources": [{"model": "a", "layer_range": [4, 2]}]}],
@@ -87,6 +85,57 @@ def test_invalid_recipes_name_the_field(data, expected):
     assert message.startswith("r.yaml: ")
     assert expected in message
     assert "\n" not in message
+
+
+IGNORED_BY_MERGEKIT = [
+    ({"dype": "bfloat16"}, "dype: not a recipe key (did you mean dtype?)"),
+    ({"name": "my-merge"}, "name: not a recipe key"),
+    ({"models": [{"model": "a", "weight": 1}]}, "models[0].weight: not a recipe key"),
+    (
+        {"models": [{"model": "a", "parameters": {"weight": 1, "densty": 0.5}}]},
+        "models[0].parameters.densty: linear takes no such parameter",
+    ),
+    (
+        {"merge_method": "model_stock", "base_model": "b", "models": [
+            {"model": "a", "parameters": {"weight": 1.0}}, {"model": "c"}]},
+        "models[0].parameters.weight: model_stock takes no such parameter",
+    ),
+    (
+        {"models": None, "slices": [{"sources": [
+            {"model": "a", "layer_range": [0, 2], "weight": 1}]}]},
+        "slices[0].sources[0].weight: not a recipe key",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "expected"), IGNORED_BY_MERGEKIT)
+def test_what_mergekit_ignores_is_a_warning_and_strict_refuses_it(change, expected):
+    """mergekit 0.1.5 merges these recipes, ignoring the key (checked with mergekit itself:
+    tests/test_mergekit_parity.py); evomerge drops it with a warning that names it."""
+    data = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "c"}], **change}
+    data = {k: v for k, v in data.items() if v is not None}
+    before = copy.deepcopy(data)
+    warnings: list[str] = []
+    recipe = parse_recipe(data, origin="r.yaml", warn=warnings.append)
+    assert data == before  # the input is not modified
+    assert len(warnings) == 1 and warnings[0].startswith(f"r.yaml: {expected}")
+    assert "mergekit ignores it" in warnings[0] and "\n" not in warnings[0]
+    assert "dype" not in recipe.to_yaml() and "densty" not in recipe.to_yaml()
+    with pytest.raises(MergeError) as info:
+        parse_recipe(data, origin="r.yaml", strict=True)
+    assert str(info.value) == f"r.yaml: {expected}; remove it (--strict)"
+
+
+def test_a_single_module_recipe_is_read_as_its_module():
+    module = {"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}],
+              "parameters": {"weight": 0.5}}  # fmt: skip
+    data = {"merge_method": "linear", "modules": {"default": module}, "parameters": {"weight": 1}}
+    recipe = parse_recipe(data)
+    assert recipe.slices[0].sources[0].model == "a"
+    assert recipe.parameters == {"weight": 0.5}  # the module's own are the more specific
+    two = {"merge_method": "linear", "modules": {"a": module, "b": module}}
+    with pytest.raises(MergeError, match="modules: 2 modules; only a single-module recipe"):
+        parse_recipe(two, origin="r.yaml")
 
 
 def test_malformed_yaml_names_the_line():
