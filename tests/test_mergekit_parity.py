@@ -350,6 +350,40 @@ CASES: dict[str, Case] = {
             },
         ],
     },
+    # The seven methods mergekit 0.1.5 added (names, parameters and defaults as mergekit's).
+    "nearswap": lambda b, e, n: {
+        "merge_method": "nearswap", "base_model": b,
+        "models": [{"model": b}, {"model": e[0]}], "parameters": {"t": [0.001, 0.05]}},
+    "karcher": lambda b, e, n: {
+        "merge_method": "karcher", "models": [{"model": b}, {"model": e[0]}, {"model": e[1]}]},
+    "karcher_iterations": lambda b, e, n: {
+        **CASES["karcher"](b, e, n), "parameters": {"max_iter": 3, "tol": 1e-7}},
+    "multislerp": lambda b, e, n: {
+        "merge_method": "multislerp",
+        "models": _models(
+            [(b, {"weight": 0.2}), (e[0], {"weight": 0.5}), (e[1], {"weight": 0.3})])},
+    "multislerp_base": lambda b, e, n: {
+        "merge_method": "multislerp", "base_model": b,
+        "models": _models([(e[0], {"weight": [0.2, 0.8]}), (e[1], {"weight": 0.6})]),
+        "parameters": {"normalize_weights": False}},
+    "sce": lambda b, e, n: {
+        "merge_method": "sce", "base_model": b,
+        "models": [{"model": e[0]}, {"model": e[1]}], "parameters": {"select_topk": 0.4}},
+    "sce_all_int8": lambda b, e, n: {
+        "merge_method": "sce", "base_model": b,
+        "models": [{"model": e[0]}, {"model": e[1]}], "parameters": {"int8_mask": True}},
+    "arcee_fusion": lambda b, e, n: {
+        "merge_method": "arcee_fusion", "base_model": b,
+        "models": [{"model": b}, {"model": e[0]}]},
+    "ram": lambda b, e, n: {
+        "merge_method": "ram", "base_model": b,
+        "models": [{"model": e[0]}, {"model": e[1]}], "parameters": {"epsilon": 0.01}},
+    "ramplus_tl": lambda b, e, n: {
+        "merge_method": "ramplus_tl", "base_model": b,
+        "models": [{"model": e[0]}, {"model": e[1]}],
+        "parameters": {"r": 0.3, "alpha": 0.5, "epsilon": 0.01}},
+    "sce_bf16": lambda b, e, n: {**CASES["sce"](b, e, n), "dtype": "bfloat16"},
+    "multislerp_fp16": lambda b, e, n: {**CASES["multislerp_base"](b, e, n), "dtype": "float16"},
     # dtypes: compute in bf16, write bf16 / fp32 / fp16.
     "ties_dtype_bf16": lambda b, e, n: {**CASES["ties"](b, e, n), "dtype": "bfloat16"},
     "ties_dtype_fp16": lambda b, e, n: {**CASES["ties"](b, e, n), "dtype": "float16"},

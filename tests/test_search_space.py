@@ -51,6 +51,14 @@ ROUND_TRIPS = {
     "slerp t (recipe-wide)": dict(
         method="slerp", base="org/expert_a", parameters={"t": {}}, layer_granularity=2, num_layers=5
     ),
+    "multislerp weight": dict(method="multislerp", parameters={"weight": {}}),
+    "nearswap t": dict(
+        method="nearswap", base="org/expert_a", parameters={"t": {"low": 0, "high": 0.01}}
+    ),
+    "sce select_topk": dict(method="sce", parameters={"select_topk": {"low": 0.1}}),
+    "ramplus_tl r and alpha": dict(
+        method="ramplus_tl", parameters={"r": {}, "alpha": {}}, layer_granularity=2, num_layers=4
+    ),
     "task_arithmetic lambda and weight": dict(
         method="task_arithmetic",
         parameters={"lambda": {"low": 0.5, "high": 1.5}, "weight": {}},

@@ -146,9 +146,11 @@ def method_names() -> list[str]:
 
 # Registration happens on import of the modules below.
 from evomerge.merge.methods import (  # noqa: E402, F401
+    consensus,
     linear,
     model_stock,
     passthrough,
+    selective,
     spherical,
     task_arithmetic,
 )

@@ -119,3 +119,122 @@ register(
         description="NuSLERP: spherical interpolation of two models, or of their task vectors.",
     )
 )
+
+
+def _multislerp(group, shared, per_input, generators):
+    """Barycentric interpolation on the hypersphere: project (task vectors, with a base) onto
+    the tangent space at their weighted mean direction, average there, map back, rescale by
+    the weighted mean norm (mergekit 0.1.5's multislerp, operation for operation)."""
+    inputs = group.non_base
+    if len(inputs) == 1:
+        return inputs[0]
+    base = group.base if group.base_index is not None else None
+    eps = shared["eps"]
+    stacked = torch.stack(inputs)
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(stacked.shape[0], -1)
+    weights = [p["weight"] for i, p in enumerate(per_input) if i != group.base_index]
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    if shared["normalize_weights"]:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if stacked.shape[0] != 2:
+            raise ValueError(
+                f"{group.name}: multislerp: the weighted directions cancel out (antipodal task "
+                "vectors with balancing weights); change the weights"
+            )
+        result = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+        return result + base if base is not None else result
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * w.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    return result + base if base is not None else result
+
+
+def karcher_mean(
+    tensors: list[torch.Tensor], alphas: list[float], max_iter: int, tol: float
+) -> torch.Tensor:
+    """The weighted Karcher (Riemannian) mean of the tensors' directions on the unit sphere,
+    by fixed-point iteration, scaled by the weighted mean of their norms."""
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(t.to(dtype)) for t in tensors]
+    units = [
+        torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype)
+        for t, n in zip(tensors, norms, strict=True)
+    ]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return sum(t * 0 for t in tensors)
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    points = [units[i] for i in valid]
+    mean = torch.zeros_like(points[0])
+    for alpha, unit in zip(weights, points, strict=True):
+        mean += alpha * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = points[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in zip(weights, points, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (
+            torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        ).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
+    return scale * mean
+
+
+def _karcher(group, shared, per_input, generators):
+    n = len(group.tensors)
+    return karcher_mean(group.tensors, [1.0 / n] * n, shared["max_iter"], shared["tol"])
+
+
+register(
+    MergeMethod(
+        name="multislerp",
+        params=(
+            ParamSpec("weight", float, Scope.NON_BASE),
+            ParamSpec("normalize_weights", bool, Scope.SHARED, True),
+            ParamSpec("eps", float, Scope.SHARED, 1e-8),
+        ),
+        merge=_multislerp,
+        base=BasePolicy.OPTIONAL,
+        min_non_base=1,
+        description="Multi-SLERP: weighted interpolation of any number of models on the "
+        "hypersphere (of task vectors, with a base).",
+        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    )
+)
+register(
+    MergeMethod(
+        name="karcher",
+        params=(
+            ParamSpec("max_iter", int, Scope.SHARED, 10),
+            ParamSpec("tol", float, Scope.SHARED, 1e-5),
+        ),
+        merge=_karcher,
+        description="Karcher mean: the equal-weight Riemannian mean of the models' weights on "
+        "the sphere, scaled by their mean norm.",
+        reference="https://arxiv.org/abs/2603.04972",
+    )
+)
