@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from evomerge.merge.errors import MergeError
-from evomerge.merge.recipe import read_json_object, read_text
+from evomerge.merge.recipe import Warn, print_warning, read_json_object, read_text
 
 BUILTIN = {
     "chatml": (
@@ -49,11 +49,18 @@ def model_chat_template(model_dir: Path) -> str | None:
     return None
 
 
-def resolve_chat_template(setting: str, model_dirs: list[Path]) -> str:
+def resolve_chat_template(
+    setting: str, model_dirs: list[Path], warn: Warn = print_warning
+) -> str | None:
+    """The template to write; None for `auto` when no source has one (mergekit then merges
+    without one too, and so does evomerge, saying so). `auto` takes the sources' most common
+    template, stripped, as mergekit does."""
     if setting == "auto":
-        templates = [t for t in map(model_chat_template, model_dirs) if t]
+        templates = [t.strip() for t in map(model_chat_template, model_dirs) if t]
         if not templates:
-            raise MergeError("chat_template: auto found no chat template in any source model")
+            warn("chat_template: auto found no chat template in any source model; merging "
+                 "without one (as mergekit does)")  # fmt: skip
+            return None
         return Counter(templates).most_common(1)[0][0]
     if setting in BUILTIN:
         return BUILTIN[setting]

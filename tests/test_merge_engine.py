@@ -329,6 +329,18 @@ def test_chat_template_builtin_is_written(llama, tmp_path):
     assert text == "<|im_start|>user\nhi<|im_end|>\n"
 
 
+def test_chat_template_auto_without_source_templates_merges_without_one(llama, tmp_path, capsys):
+    """mergekit merges such a recipe and writes no template; so does evomerge, with a warning."""
+    data = ties_recipe(llama)
+    data["chat_template"] = "auto"
+    out = tmp_path / "auto"
+    run_merge(parse_recipe(data), out, device="cpu", progress=False)
+    assert not (out / "chat_template.jinja").exists()
+    assert "auto found no chat template in any source model; merging without one" in (
+        capsys.readouterr().err
+    )
+
+
 def test_pickled_weights_need_the_flag(llama, tmp_path):
     legacy = tmp_path / "legacy"
     legacy.mkdir()
