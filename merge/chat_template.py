@@ -8,6 +8,9 @@ from pathlib import Path
 from evomerge.merge.errors import MergeError
 from evomerge.merge.recipe import Warn, print_warning, read_json_object, read_text
 
+# The built-in templates render exactly what mergekit 0.1.5's files of the same names render under
+# transformers (trim_blocks, lstrip_blocks), whitespace quirks included, so a merged model chats
+# the same whichever tool wrote it (tests/test_merge_engine.py renders both).
 BUILTIN = {
     "chatml": (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
@@ -15,23 +18,42 @@ BUILTIN = {
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     ),
     "llama3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] "
-        "+ '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% for message in messages %}{{ (bos_token if loop.first else '') + "
+        "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+        "message['content'] | trim + '<|eot_id|>\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
         "{% endif %}"
     ),
     "alpaca": (
-        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
-        "{{ message['content'] + '\\n\\n' }}{% elif message['role'] == 'user' %}"
-        "{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}{% else %}"
-        "{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+        "{% set systems = messages | selectattr('role', 'equalto', 'system') | list %}"
+        "{{ ((systems | last).content | trim if systems else '') + '\\n\\n' }}"
+        "{% set headers = {'user': '### Instruction:\\n', 'assistant': '### Response:\\n', "
+        "'user_context': '### Input:\\n'} %}"
+        "{% for message in messages %}{% if message['role'] in headers %}"
+        "{{ headers[message['role']] + message['content'] | trim }}"
+        "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+        "{{ '### Response:\\n' }}{% endif %}"
     ),
     "mistral": (
-        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-        "{{ ' ' + message['content'] + eos_token }}{% else %}{{ message['content'] + '\\n\\n' }}"
-        "{% endif %}{% endfor %}"
+        "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}"
+        "{% endif %}{{ bos_token }}{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('After the optional system message, conversation roles must "
+        "alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ ' [INST] ' + (system_message + '\\n\\n' if "
+        "loop.first and system_message is defined else '') + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported, with the "
+        "exception of an initial optional system message!') }}{% endif %}{% endfor %}"
+    ),
+    "exaone": (
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "{{ '        [|system|][|endofturn|]\\n\\n' }}{% endif %}"
+        "{{ '    [|' + message['role'] + '|]' + message['content'] + '\\n' }}"
+        "{{ '        \\n\\n' if message['role'] == 'user' else '        [|endofturn|]\\n\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '    [|assistant|]\\n' }}{% endif %}"
     ),
 }
 

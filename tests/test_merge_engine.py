@@ -329,6 +329,48 @@ def test_chat_template_builtin_is_written(llama, tmp_path):
     assert text == "<|im_start|>user\nhi<|im_end|>\n"
 
 
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi there "}],
+    [{"role": "system", "content": " be brief"}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": " b "},
+     {"role": "user", "content": "c"}],
+    [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}],
+    [{"role": "user", "content": "q"}, {"role": "user_context", "content": "ctx"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "alpaca", "mistral", "exaone"])
+def test_builtin_chat_templates_render_as_mergekits(name, llama):
+    """Each built-in template renders what mergekit 0.1.5's file of that name renders, through
+    transformers, for every conversation and with and without the generation prompt (errors
+    for conversations a template refuses included)."""
+    import importlib.resources
+
+    from mergekit._data import chat_templates
+    from transformers import AutoTokenizer
+
+    from evomerge.merge.chat_template import BUILTIN
+
+    tokenizer = AutoTokenizer.from_pretrained(llama.base)
+    tokenizer.bos_token, tokenizer.eos_token = "<s>", "</s>"
+    theirs = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text()
+
+    def render(template: str, conversation: list, prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                conversation, chat_template=template, tokenize=False, add_generation_prompt=prompt
+            )
+        except Exception as exc:  # a template's raise_exception: the same message is expected
+            return f"error: {exc}"
+
+    for conversation in CONVERSATIONS:
+        for prompt in (False, True):
+            assert render(BUILTIN[name], conversation, prompt) == render(
+                theirs, conversation, prompt
+            ), (conversation, prompt)
+
+
 def test_chat_template_auto_without_source_templates_merges_without_one(llama, tmp_path, capsys):
     """mergekit merges such a recipe and writes no template; so does evomerge, with a warning."""
     data = ties_recipe(llama)
