@@ -19,30 +19,25 @@ from evomerge.merge.errors import MergeError
 
 Warn = Callable[[str], None]
 
-RECIPE_KEYS = {
-    "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "selection",
-}  # fmt: skip
-MODEL_KEYS = {"model", "parameters"}
-SLICE_KEYS = {"sources", "base_model", "residual_weight", "parameters"}
-SOURCE_KEYS = {"model", "layer_range", "parameters"}
-TOKENIZER_KEYS = {"source", "pad_to_multiple_of", "tokens"}
-
 
 def accept_mergekit_recipe(data: dict[str, Any], origin: str, strict: bool, warn: Warn) -> dict:
     """`data` without what mergekit would ignore (each reported through `warn`, or the first
     raised as a MergeError with `strict`), and with a one-module `modules:` unwrapped."""
+    from evomerge.merge.recipe import InputModel, Recipe, TokenizerConfig
+
     data = _unwrap_modules(copy.deepcopy(data), origin)  # the caller's data is never modified
     ignored: list[str] = []
-    out = _known(data, RECIPE_KEYS, "", ignored)
+    out = _known(data, set(Recipe.model_fields), "", ignored)
     if isinstance(out.get("models"), list):
+        keys = set(InputModel.model_fields)
         out["models"] = [
-            _known(m, MODEL_KEYS, f"models[{i}].", ignored) for i, m in enumerate(out["models"])
+            _known(m, keys, f"models[{i}].", ignored) for i, m in enumerate(out["models"])
         ]
     if isinstance(out.get("slices"), list):
         out["slices"] = [_slice(s, i, ignored) for i, s in enumerate(out["slices"])]
     if isinstance(out.get("tokenizer"), dict):
-        out["tokenizer"] = _known(out["tokenizer"], TOKENIZER_KEYS, "tokenizer.", ignored)
+        keys = set(TokenizerConfig.model_fields) | {"tokens"}  # tokens: refused by the schema
+        out["tokenizer"] = _known(out["tokenizer"], keys, "tokenizer.", ignored)
     _drop_unknown_parameters(out, ignored)
     for message in ignored:
         if strict:
@@ -72,11 +67,13 @@ def _unwrap_modules(data: dict[str, Any], origin: str) -> dict[str, Any]:
 
 
 def _slice(data: Any, index: int, ignored: list[str]) -> Any:
-    out = _known(data, SLICE_KEYS, f"slices[{index}].", ignored)
+    from evomerge.merge.recipe import OutputSlice, SourceSlice
+
+    out = _known(data, set(OutputSlice.model_fields), f"slices[{index}].", ignored)
     if isinstance(out, dict) and isinstance(out.get("sources"), list):
-        where = f"slices[{index}].sources"
+        keys, where = set(SourceSlice.model_fields), f"slices[{index}].sources"
         out["sources"] = [
-            _known(s, SOURCE_KEYS, f"{where}[{j}].", ignored) for j, s in enumerate(out["sources"])
+            _known(s, keys, f"{where}[{j}].", ignored) for j, s in enumerate(out["sources"])
         ]
     return out
 
