@@ -33,8 +33,11 @@ def card_data(
 ) -> ModelCardData:
     """Card metadata: `existing` (a folder's card) updated with the sources' Hub ids as
     base_model, `tags`, transformers and the license fields."""
+    from evomerge.merge.lora import split_lora
+
     data = {k: v for k, v in (existing or {}).items() if k not in LICENSE_FIELDS}
-    hub_ids = list(dict.fromkeys(i for i in map(hub_id_of, sources) if i))
+    parts = [part for source in sources for part in split_lora(source) if part]  # base+adapter
+    hub_ids = list(dict.fromkeys(i for i in map(hub_id_of, parts) if i))
     data.pop("base_model", None)
     data.pop("base_model_relation", None)
     if hub_ids:

@@ -92,11 +92,17 @@ class MergePlan:
 
 
 def load_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> dict[str, Checkpoint]:
-    checkpoints = {}
+    from evomerge.merge.lora import LoraCheckpoint, split_lora
+
+    checkpoints: dict[str, Checkpoint] = {}
     for ref in recipe.referenced_models():
-        checkpoints[ref] = Checkpoint(
-            ref, resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle
-        )
+        folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
+        _, adapter = split_lora(ref)
+        if adapter is None:
+            checkpoints[ref] = Checkpoint(ref, folder, allow_pickle=allow_pickle)
+        else:
+            adapter_dir = resolve_model_dir(adapter, allow_pickle=allow_pickle)
+            checkpoints[ref] = LoraCheckpoint(ref, folder, adapter_dir, allow_pickle=allow_pickle)
     return checkpoints
 
 

@@ -50,18 +50,20 @@ Parameters = dict[str, Setting]
 def _model_ref(value: Any) -> Any:
     """Accept mergekit's reference forms and normalize them to 'path' or 'path@revision'."""
     if isinstance(value, dict):
-        if value.get("lora"):
-            raise ValueError("LoRA model references are not supported; merge the adapter first")
-        inner = value.get("model", value)
-        if isinstance(inner, dict):
-            path, revision = inner.get("path"), inner.get("revision")
-            if not isinstance(path, str):
-                raise ValueError("a model reference needs a 'path'")
-            return f"{path}@{revision}" if revision else path
-        return inner
-    if isinstance(value, str) and "+" in value and not Path(value).exists():
-        raise ValueError(f"{value!r}: LoRA ('model+adapter') references are not supported")
+        model = _path_form(value.get("model", value))
+        lora = value.get("lora")
+        return f"{model}+{_path_form(lora)}" if lora else model
     return value
+
+
+def _path_form(value: Any) -> Any:
+    """mergekit's `{path, revision}` mapping as 'path' or 'path@revision'."""
+    if not isinstance(value, dict):
+        return value
+    path, revision = value.get("path"), value.get("revision")
+    if not isinstance(path, str):
+        raise ValueError("a model reference needs a 'path'")
+    return f"{path}@{revision}" if revision else path
 
 
 ModelRef = Annotated[StrictStr, BeforeValidator(_model_ref)]

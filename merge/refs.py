@@ -55,7 +55,14 @@ MODEL_KEYS = ("model", "base_model", "source", "tokenizer_source")  # where reci
 
 def check_reference(text: str) -> ModelRef:
     """A model reference that can be resolved: an existing folder or a Hub id (not fetched);
-    the one-line error a merge would give otherwise. Dry runs call it too."""
+    the one-line error a merge would give otherwise. Dry runs call it too. For a LoRA reference
+    ('base+adapter') both parts are checked and the base's reference returned."""
+    from evomerge.merge.lora import split_lora
+
+    base, adapter = split_lora(text)
+    if adapter is not None:
+        check_reference(adapter)
+        return check_reference(base)
     ref = ModelRef.parse(text)
     path = Path(ref.path)
     if path.exists():
@@ -67,7 +74,8 @@ def check_reference(text: str) -> ModelRef:
 
 
 def resolve_model_dir(text: str, *, allow_pickle: bool = False) -> Path:
-    """A local directory holding the model, downloading a Hub model if needed."""
+    """A local directory holding the model (for 'base+adapter', the base's), downloading a Hub
+    model if needed."""
     ref = check_reference(text)
     if Path(ref.path).exists():
         return Path(ref.path)

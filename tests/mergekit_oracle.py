@@ -68,6 +68,7 @@ def run_mergekit(
         write_model_card=card,
         copy_tokenizer=True,
         random_seed=seed,
+        lora_merge_cache=str(out_dir.parent / f"{out_dir.name}-lora-cache"),
     )
     with torch.random.fork_rng():  # mergekit seeds the global generators
         mergekit_run_merge(merge_config, str(out_dir), options=options, config_source=source)

@@ -74,7 +74,6 @@ def test_mergekit_model_reference_dict_form():
             {"merge_method": "linear", "models": [{"model": "a"}], "out_dtype": "int8"},
             "out_dtype: 'int8' is not a dtype",
         ),
-        ({"merge_method": "linear", "models": [{"model": "a+lora"}]}, "LoRA"),
         ({"merge_method": "linear", "modules": {}}, "modules"),
     ],
 )
