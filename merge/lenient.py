@@ -36,7 +36,7 @@ def accept_mergekit_recipe(data: dict[str, Any], origin: str, strict: bool, warn
     if isinstance(out.get("slices"), list):
         out["slices"] = [_slice(s, i, ignored) for i, s in enumerate(out["slices"])]
     if isinstance(out.get("tokenizer"), dict):
-        keys = set(TokenizerConfig.model_fields) | {"tokens"}  # tokens: refused by the schema
+        keys = set(TokenizerConfig.model_fields)
         out["tokenizer"] = _known(out["tokenizer"], keys, "tokenizer.", ignored)
     _drop_unknown_parameters(out, ignored)
     for message in ignored:

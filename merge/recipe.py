@@ -127,18 +127,54 @@ class OutputSlice(_Strict):
         return value
 
 
-class TokenizerConfig(_Strict):
-    """mergekit's newer `tokenizer:` block; only `source` is honoured."""
+class ModelTokenSource(_Strict):
+    """A token's embedding copied from a row of one model: by id, or by that model's token."""
 
-    source: Literal["union", "base"] | ModelRef = "base"
-    pad_to_multiple_of: int | None = None
+    kind: Literal["model_token"]
+    model: ModelRef
+    token_id: int | None = None
+    token: str | None = None
 
-    @model_validator(mode="before")
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroSource(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """How one output token's embedding rows are made where a model lacks the token (or, with
+    `force`, in every model): zeros, a model's row for the token, or a named row."""
+
+    source: ModelTokenSource | ZeroSource | ModelRef
+    force: bool = False
+
+    @field_validator("source", mode="before")
     @classmethod
-    def _no_tokens(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("tokens"):
-            raise ValueError("per-token embedding settings ('tokens') are not supported")
-        return data
+    def _by_kind(cls, value: Any) -> Any:
+        """A mapping with `kind` is a row source (checked here, for a clear message); anything
+        else is a model reference."""
+        if not (isinstance(value, dict) and "kind" in value):
+            return value
+        kinds = {"zero": ZeroSource, "model_token": ModelTokenSource}
+        if value["kind"] not in kinds:
+            raise ValueError(f"kind {value['kind']!r} is not one of zero, model_token")
+        try:
+            return kinds[value["kind"]].model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(f"{value['kind']}: {describe_validation_error(exc)}") from None
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's `tokenizer:` block (its source defaults to union, as in mergekit)."""
+
+    source: Literal["union", "base"] | ModelRef = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
 
 
 class Recipe(_Strict):

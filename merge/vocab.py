@@ -23,6 +23,15 @@ if TYPE_CHECKING:
     from evomerge.merge.recipe import Recipe
 
 
+@dataclass(frozen=True)
+class TokenOverride:
+    """A configured token's row: zeros (model None), or row `row` of `model`."""
+
+    model: str | None
+    row: int
+    force: bool
+
+
 @dataclass
 class Vocabulary:
     tokenizer: PreTrainedTokenizerBase
@@ -31,6 +40,8 @@ class Vocabulary:
     permutations: dict[str, torch.Tensor]
     """Per model: for each output token id, its row in that model, or -1."""
     base_model: str | None
+    overrides: dict[int, TokenOverride]
+    """`tokenizer.tokens`, by output token id."""
 
 
 def _load_tokenizer(ckpt: Checkpoint) -> PreTrainedTokenizerBase:
@@ -98,13 +109,42 @@ def build_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Voca
     if pad and size % pad:
         size = (size // pad + 1) * pad
     permutations = {}
+    real_vocabs = {}
     for ref, tok in tokenizers.items():
-        model_vocab = _real_vocab(tok, checkpoints[ref])
+        model_vocab = real_vocabs[ref] = _real_vocab(tok, checkpoints[ref])
         perm = torch.full((len(vocab),), -1, dtype=torch.long)
         for text, new_id in vocab.items():
             perm[new_id] = model_vocab.get(text, -1)
         permutations[ref] = perm
-    return Vocabulary(tokenizer, size, permutations, base_ref)
+    configured = (recipe.tokenizer.tokens if recipe.tokenizer else None) or {}
+    overrides = {
+        vocab[text]: _override(text, cfg, vocab[text], permutations, real_vocabs)
+        for text, cfg in configured.items()
+        if text in vocab  # mergekit ignores tokens the output vocabulary lacks
+    }
+    return Vocabulary(tokenizer, size, permutations, base_ref, overrides)
+
+
+def _override(text, cfg, token_id, permutations, real_vocabs) -> TokenOverride:
+    from evomerge.merge.recipe import ModelTokenSource, ZeroSource
+
+    where = f"tokenizer.tokens[{text!r}]"
+    if isinstance(cfg.source, ZeroSource):
+        return TokenOverride(None, -1, cfg.force)
+    model = cfg.source.model if isinstance(cfg.source, ModelTokenSource) else cfg.source
+    if model not in permutations:
+        raise MergeError(f"{where}: source {model} is not one of the recipe's models; name one")
+    if isinstance(cfg.source, ModelTokenSource):
+        src = cfg.source
+        row = src.token_id if src.token_id is not None else real_vocabs[model].get(src.token, -1)
+        if row < 0 or row >= len(real_vocabs[model]):
+            what = f"token {src.token!r}" if src.token is not None else f"token_id {row}"
+            raise MergeError(f"{where}: {model} has no {what}")
+    else:
+        row = int(permutations[model][token_id])
+        if row < 0:
+            raise MergeError(f"{where}: {model} does not have this token; choose another source")
+    return TokenOverride(model, row, cfg.force)
 
 
 def permute_rows(
@@ -121,11 +161,22 @@ def permute_rows(
     present = torch.stack([p >= 0 for p in perms])
     count = present.sum(dim=0)
     defaults = torch.zeros((n_tokens, *shape), dtype=dtype, device=device)
+    configured = torch.zeros(n_tokens, dtype=torch.bool, device=device)
+    for token_id, override in vocab.overrides.items():  # tokenizer.tokens
+        configured[token_id] = True
+        if override.model is not None:
+            if override.model not in models:
+                raise MergeError(
+                    f"tokenizer.tokens: token id {token_id} takes its row from {override.model}, "
+                    "which has no weight for this tensor"
+                )
+            source = tensors[models.index(override.model)]
+            defaults[token_id] = source[override.row].to(dtype)
     # Tokens in exactly one model: that model's row.
     for m, (perm, tensor) in enumerate(zip(perms, tensors, strict=True)):
-        only_here = present[m] & (count == 1)
+        only_here = present[m] & (count == 1) & ~configured
         defaults[only_here] = tensor[perm[only_here]].to(dtype)
-    decided = count <= 1
+    decided = (count <= 1) | configured
     if base_model in models:
         b = models.index(base_model)
         from_base = ~decided & present[b]
@@ -139,11 +190,13 @@ def permute_rows(
             has = present[m][ids]
             acc[has] = acc[has] + tensor[perm[ids[has]]].to(dtype)
         defaults[ids] = acc / count[ids].to(dtype).reshape(-1, *([1] * len(shape)))
+    forced = [i for i, o in vocab.overrides.items() if o.force]
     results = []
     for perm, tensor, has in zip(perms, tensors, present, strict=True):
         out = torch.zeros((vocab.size, *shape), dtype=dtype, device=device)
         out[:n_tokens][has] = tensor[perm[has]].to(dtype)
         out[:n_tokens][~has] = defaults[~has]
+        out[forced] = defaults[forced]
         if vocab.size > n_tokens:
             out[n_tokens:] = out[:n_tokens].mean(dim=0)
         results.append(out)

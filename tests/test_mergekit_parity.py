@@ -505,7 +505,19 @@ TOKENIZER_CASES: dict[str, Case] = {
         **CASES["task_arithmetic"](b, e, n),
         "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
     },
-}
+    # Per-token sources: zeros where a model lacks the token, another model's row by token or
+    # id, and one token forced in every model; the block's source defaults to union.
+    "tokenizer_tokens": lambda b, e, n: {
+        **CASES["linear"](b, e, n),
+        "base_model": b,
+        "tokenizer": {"tokens": {
+            "α": {"source": {"kind": "zero"}},
+            "δ": {"source": {"kind": "model_token", "model": b, "token_id": 3}},
+            "a": {"source": {"kind": "model_token", "model": e[0], "token": "b"}, "force": True},
+            "ε": {"source": e[1], "force": True},
+        }},
+    },
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -526,7 +538,7 @@ def test_tokenizer_source_matches_mergekit(case, arch, vocab_families, tmp_path)
 
     evo_vocab = AutoTokenizer.from_pretrained(evo_dir).get_vocab()
     ref_vocab = AutoTokenizer.from_pretrained(ref_dir).get_vocab()
-    union = case.startswith(("union", "tokenizer_block"))
+    union = case.startswith(("union", "tokenizer_block", "tokenizer_tokens"))
     if union:
         # mergekit numbers the union's new tokens in an order that varies between processes
         # (a set of models, tokenizers' hash-map vocabularies): compare row by token.

@@ -75,6 +75,16 @@ def test_mergekit_model_reference_dict_form():
             "out_dtype: 'int8' is not a dtype",
         ),
         ({"merge_method": "linear", "modules": {}}, "modules"),
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}],
+             "tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "a"}}}}},
+            "tokenizer.tokens.x.source: model_token: give exactly one of token_id or token",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}],
+             "tokenizer": {"tokens": {"x": {"source": {"kind": "mean"}}}}},
+            "tokenizer.tokens.x.source: kind 'mean' is not one of zero, model_token",
+        ),
     ],
 )
 def test_invalid_recipes_name_the_field(data, expected):
