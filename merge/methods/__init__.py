@@ -106,6 +106,12 @@ class MergeMethod:
 
     def check_inputs(self, models: list[str], base: str | None, where: str) -> None:
         """Structural checks, before any tensor is read."""
+        repeated = next((m for i, m in enumerate(models) if m in models[:i]), None)
+        if repeated is not None:
+            raise MergeError(
+                f"{where}: {repeated} is listed twice; list each model once (mergekit refuses "
+                "duplicate inputs too)"
+            )
         has_base = base is not None and base in models
         if self.base == BasePolicy.REQUIRED and not has_base:
             if base is None:
