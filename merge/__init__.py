@@ -1,7 +1,8 @@
 """What a merge is and how it is made: recipes, methods, streaming I/O, materialization.
 
 - `recipe.py`, `parameters.py`, `refs.py`: the mergekit recipe schema, per-layer parameter
-  resolution, model references (local folders, Hub ids).
+  resolution, model references (local folders, Hub ids); `lenient.py`: what mergekit ignores
+  in a recipe (warnings, or errors with --strict); `lora.py`: `base+adapter` references.
 - `methods/`: the merge methods as data plus pure tensor functions.
 - `weights.py`: the one reader of a model folder's safetensors headers and shard index;
   `checkpoint.py` reads tensors through it.
