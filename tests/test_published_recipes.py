@@ -57,9 +57,7 @@ def test_the_corpus_covers_every_method_in_half_precision():
     from evomerge.merge.methods import method_names
 
     methods = {entry["method"] for entry in ENTRIES}
-    # No published plain `breadcrumbs` recipe with a source we could name was found (its
-    # breadcrumbs_ties sibling is here; both are in tests/test_mergekit_parity.py).
-    assert len(ENTRIES) >= 30 and methods == set(method_names()) - {"breadcrumbs"}
+    assert len(ENTRIES) >= 30 and methods == set(method_names())
     dtypes = {yaml.safe_load(entry["recipe"]).get("dtype") for entry in ENTRIES}
     assert {"bfloat16", "float16"} <= dtypes
     assert all(entry["source"].startswith("http") for entry in ENTRIES)
