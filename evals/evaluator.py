@@ -24,7 +24,7 @@ from evomerge.evals.errors import EvalError
 from evomerge.evals.lm import ResidentLM
 from evomerge.evals.results import EvalResult, Score, weighted_mean
 from evomerge.evals.reuse import metric_values
-from evomerge.evals.suite import TaskSuite, generation_record
+from evomerge.evals.suite import Rows, TaskSuite, generation_record
 from evomerge.evals.timing import ForwardTimer
 
 _LM_EVAL_VERSION = version("lm_eval")
@@ -58,11 +58,17 @@ class Evaluator:
         """The batch size; 'auto' until the first requests fix it (evals/lm.py)."""
         return self.lm.batch_size_per_gpu
 
-    def score(self, split: str = "fitness") -> EvalResult:
+    def score(self, split: str = "fitness", rows: dict[str, list[int]] | None = None) -> EvalResult:
+        """The split's tasks on the model as it is now; on the documents `rows` names per task
+        (every task of the split, each with at least one document) instead of the split's own.
+        The result's `rows` holds each fitness entry's per-document values, in document order."""
         if split not in self.suites:
             raise EvalError(f"no {split!r} split was prepared; have: {', '.join(self.suites)}")
         suite = self.suites[split]
         settings = suite.settings
+        samples, limit = suite.samples, suite.limit
+        if rows is not None:
+            samples, limit = {task: Rows(sorted(rows[task])) for task in suite.tasks}, None
         random.seed(_SEEDS[0])
         np.random.seed(_SEEDS[1])
         torch.manual_seed(_SEEDS[2])
@@ -72,8 +78,8 @@ class Evaluator:
         out = evaluate(
             lm=self.lm,
             task_dict=suite.task_dict,
-            limit=suite.limit,
-            samples=suite.samples,
+            limit=limit,
+            samples=samples,
             bootstrap_iters=settings.bootstrap_iters,
             log_samples=self.log_samples,
             system_instruction=settings.system_instruction,
@@ -98,6 +104,10 @@ class Evaluator:
         )
         if suite.selections is not None:
             result.fitness, result.fitness_stderr = weighted_mean(scores)
+            result.rows = {
+                s.task: [float(v) for v in metric_values(suite.tasks[s.task])[(s.metric, s.filter)]]
+                for s in suite.selections
+            }
         return result
 
     def _settings(self, suite: TaskSuite) -> dict[str, Any]:

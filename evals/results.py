@@ -36,6 +36,7 @@ class EvalResult:
     seconds: float = 0.0
     forward_seconds: float = 0.0
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    rows: dict[str, list[float]] = field(default_factory=dict, repr=False)  # task -> per document
 
     @property
     def vector(self) -> list[float]:
@@ -50,6 +51,7 @@ class EvalResult:
         data = asdict(self)
         if not with_samples:
             data.pop("samples")
+            data.pop("rows")
         return data
 
     def table(self) -> str:

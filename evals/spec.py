@@ -12,6 +12,7 @@ It is the `fitness:` block of a search recipe, or a YAML file of its own:
     include_path: [my_tasks/]                 # task folders, relative to this file
     limit: 200
     generation: {max_gen_toks: 32}            # decoding is always greedy
+    mode: {type: racing, chunk: 50}           # or minibatch / irt (see evomerge.evals.modes)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pydantic import (
 )
 
 from evomerge.evals.errors import EvalError
+from evomerge.evals.modes import FitnessMode, FullMode
 from evomerge.merge.recipe import describe_validation_error, parse_yaml, read_text
 
 Split = Literal["fitness", "heldout"]
@@ -158,6 +160,8 @@ class FitnessSpec(EvalSettings):
 
     tasks: list[TaskSpec] = Field(min_length=1)
     include_path: list[Path] = []
+    mode: FitnessMode = FullMode()
+    rescore: int = Field(default=3, ge=0)  # best estimates re-scored on every row (not in full)
 
     @model_validator(mode="after")
     def _splits_disjoint(self) -> FitnessSpec:

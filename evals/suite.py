@@ -32,7 +32,7 @@ class Selection:
     weight: float
 
 
-class _Rows(list):
+class Rows(list):
     """Document indices; lm-eval tests `i in rows` for every document, so make that O(1)."""
 
     def __init__(self, rows: Sequence[int]):
@@ -58,6 +58,12 @@ class TaskSuite:
     @property
     def limit(self) -> int | float | None:
         return None if self.samples is not None else self.settings.limit
+
+    def rows(self, task: str) -> list[int]:
+        """The document indices of `task` this split scores, in order."""
+        if self.samples is not None:
+            return list(self.samples[task])
+        return _rows(task, self.tasks[task], None, self.settings.limit)
 
 
 def suite_from_names(
@@ -134,7 +140,7 @@ def _rows(
     if limit is not None:
         count = math.ceil(len(picked) * limit) if limit < 1 else int(limit)
         picked = picked[:count]
-    return _Rows(picked)
+    return Rows(picked)
 
 
 def _configure(tasks: dict[str, Task], settings: EvalSettings) -> None:

@@ -15,7 +15,7 @@ from evomerge.search.config import (
     parse_search_recipe,
 )
 from evomerge.search.errors import SearchError
-from evomerge.search.loop import Search
+from evomerge.search.loop import Search, make_space
 from evomerge.search.optimizers import default_population
 
 MAX_GENES_LISTED = 40  # --dry-run lists this many genes, then counts the rest
@@ -72,7 +72,7 @@ def run_search_command(
 def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> None:
     """Validate the recipe and print the space, the budget and a cost estimate, offline."""
     from evomerge.evals.catalog import TaskCatalog
-    from evomerge.search.loop import check_before_loading, make_space, num_layers
+    from evomerge.search.loop import check_before_loading, num_layers
     from evomerge.search.optimizers import check_optimizer
 
     check_optimizer(recipe.optimizer)
@@ -238,6 +238,19 @@ def _cost_lines(recipe: SearchRecipe, loads: dict[str, list[_Load]]) -> list[str
         f"cost: {evaluations} evaluations = at most {_count(evaluations * tokens)} generated "
         f"tokens, about {_hours(evaluations * tokens)} GPU-hours"
     )
+    mode = recipe.fitness.mode
+    if mode.type != "full":
+        from evomerge.search.fitness import planned_rows
+
+        population = recipe.optimizer.population or default_population(len(make_space(recipe)))
+        rows = planned_rows(mode, evaluations, population, docs, recipe.fitness.rescore)
+        share = rows / (evaluations * docs)
+        bound = "at most " if mode.type == "racing" else ""
+        lines.append(
+            f"cost: fitness mode {mode.type}: {bound}{rows:,} of those {evaluations * docs:,} "
+            f"documents ({share:.1%}, re-scoring included), about "
+            f"{_hours(round(share * evaluations * tokens))} GPU-hours"
+        )
     references = len(recipe.merge.referenced_models()) + 2  # the sources, uniform and best
     heldout = loads["heldout"]
     held_unknown = [load.task for load in heldout if load.docs is None]

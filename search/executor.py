@@ -13,7 +13,7 @@ the candidates run.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -27,8 +27,12 @@ from evomerge.search.records import Outcome
 
 
 class Executor(Protocol):
-    def evaluate(self, candidates: Sequence[Any]) -> Iterator[Outcome]:
-        """One Outcome per candidate, in order, as each finishes."""
+    def evaluate(
+        self, candidates: Sequence[Any], tickets: Iterable[Any] | None = None
+    ) -> Iterator[Outcome]:
+        """One Outcome per candidate, in order, as each finishes. `tickets` (one per candidate,
+        None for plain full scoring) say which rows to score (`evomerge.search.fitness`); the
+        serial executors take each ticket just before its candidate runs."""
         ...
 
     def score(self, candidate: Any, split: str) -> EvalResult:
@@ -54,6 +58,7 @@ def outcome_of(result: EvalResult, seconds: dict[str, float]) -> Outcome:
         stderrs={s.task: s.stderr for s in result.scores},
         seconds=seconds,
         decoding=result.settings.get("decoding"),
+        rows=sum(map(len, result.rows.values())) if result.rows else None,
     )
 
 
@@ -106,24 +111,32 @@ class InMemoryExecutor:
     def _materialize(self, candidate: Any) -> None:
         raise NotImplementedError
 
-    def evaluate(self, candidates: Sequence[Any]) -> Iterator[Outcome]:
+    def evaluate(
+        self, candidates: Sequence[Any], tickets: Iterable[Any] | None = None
+    ) -> Iterator[Outcome]:
+        tickets = iter(tickets) if tickets is not None else None
         for candidate in candidates:
-            yield self._one(candidate)
+            # The ticket is taken now: racing's depends on the outcomes told before it.
+            yield self._one(candidate, next(tickets) if tickets is not None else None)
 
-    def _one(self, candidate: Any) -> Outcome:
+    def _one(self, candidate: Any, ticket: Any = None) -> Outcome:
         started = time.perf_counter()
         seconds: dict[str, float] = {}
         try:
             self._materialize(candidate)
             seconds["materialize"] = time.perf_counter() - started
-            result = self.evaluator.score("fitness")
+            if ticket is None:
+                outcome = outcome_of(self.evaluator.score("fitness"), seconds)
+            else:
+                outcome = ticket.run(lambda rows: self.evaluator.score("fitness", rows))
+                outcome.seconds = seconds
         except Exception as exc:  # any failure of one candidate is recorded, not raised
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             seconds.setdefault("materialize", time.perf_counter() - started)
             return Outcome(fitness=None, error=first_line(exc, with_type=True), seconds=seconds)
         seconds["evaluate"] = time.perf_counter() - started - seconds["materialize"]
-        return outcome_of(result, seconds)
+        return outcome
 
     def score(self, candidate: Any, split: str) -> EvalResult:
         self._materialize(candidate)

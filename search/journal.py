@@ -195,6 +195,10 @@ class Journal:
             error=attrs.get("error"),
             seconds=dict(attrs.get("seconds", {})),
             decoding=attrs.get("decoding"),
+            rows=attrs.get("rows"),
+            full=attrs.get("full", True),
+            stopped=attrs.get("stopped", False),
+            row_values=attrs.get("row_values"),
         )
         return TrialRecord(
             trial.number, int(attrs.get("generation", 0)), genome, outcome, attrs.get("recipe", "")
@@ -216,6 +220,10 @@ class Journal:
             attrs["error"] = outcome.error
         if outcome.decoding is not None:
             attrs["decoding"] = outcome.decoding
+        if outcome.rows is not None:
+            attrs.update(rows=outcome.rows, full=outcome.full, stopped=outcome.stopped)
+        if outcome.row_values is not None:
+            attrs["row_values"] = outcome.row_values
         return attrs
 
     def values(self, outcome: Outcome) -> list[float] | None:

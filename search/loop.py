@@ -24,6 +24,7 @@ from evomerge.merge.staging import check_can_create, write_text
 from evomerge.search.config import DfsSpec, PsDfsSpec, SearchRecipe
 from evomerge.search.errors import SearchError
 from evomerge.search.executor import Executor
+from evomerge.search.fitness import FitnessPolicy, FitnessRows, check_mode, make_policy
 from evomerge.search.journal import Journal, recipe_hash, redact
 from evomerge.search.lock import output_lock
 from evomerge.search.optimizers import MULTI_OBJECTIVE, check_optimizer, make_optimizer
@@ -52,6 +53,7 @@ class Search:
     ) -> Search | StagedSearch:
         """Everything that can be checked without loading a model or a dataset."""
         check_optimizer(recipe.optimizer)
+        check_mode(recipe.fitness.mode, recipe.executor)
         check_can_create(out, SearchError)
         check_before_loading(recipe)
         if isinstance(recipe.space, DfsSpec | PsDfsSpec) and recipe.executor == "ray":
@@ -116,15 +118,32 @@ class Search:
         if executor is None:
             executor = self.space.make_executor(recipe, suites)
         try:
-            self._loop(journal, optimizer, executor, echo, progress)
-            summary = self._finish(journal, executor, suites, echo, write_model)
+            policy = make_policy(
+                recipe,
+                suites,
+                journal,
+                optuna=recipe.optimizer.backend == "optuna",
+                population=optimizer.population,  # type: ignore[attr-defined]
+            )
+            policy.prepare(executor)
+            self._loop(journal, optimizer, executor, echo, progress, policy)
+            summary = self._finish(journal, executor, policy, suites, echo, write_model)
         finally:
             executor.close()
         return summary
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def _loop(self, journal, optimizer, executor: Executor, echo: Echo, progress: bool) -> None:
+    def _loop(
+        self,
+        journal,
+        optimizer,
+        executor: Executor,
+        echo: Echo,
+        progress: bool,
+        policy: FitnessPolicy | None = None,  # None: every candidate on every row
+    ) -> None:
+        policy = policy or FitnessPolicy(FitnessRows({}, {}), journal, self.recipe.seed, 0)
         from tqdm.auto import tqdm
 
         budget = self.recipe.budget
@@ -159,14 +178,20 @@ class Search:
             proposals = optimizer.ask(n)
             ask_seconds = (time.perf_counter() - tick + tell_seconds) / max(len(proposals), 1)
             todo = [p for p in proposals if p.done is None]
+            for proposal in proposals:  # resumed trials come first in their generation
+                if proposal.done is not None:
+                    policy.finished(proposal, proposal.done.outcome)
             recipes = [self.space.to_recipe(p.genome) for p in todo]
             candidates = [self.space.candidate(p.genome) for p in todo]
+            if policy.name == "full":  # executors written before the modes take no tickets
+                evaluated = executor.evaluate(candidates)
+            else:
+                evaluated = executor.evaluate(candidates, (policy.ticket(p) for p in todo))
             outcomes: dict[int, Outcome] = {}
-            for proposal, recipe, outcome in zip(
-                todo, recipes, executor.evaluate(candidates), strict=True
-            ):
+            for proposal, recipe, outcome in zip(todo, recipes, evaluated, strict=True):
                 outcome.seconds["optimizer"] = ask_seconds
                 optimizer.record(proposal, outcome, recipe_hash(recipe))
+                policy.finished(proposal, outcome)
                 journal.beat()
                 outcomes[proposal.number] = outcome
                 bar.update(1)
@@ -177,6 +202,8 @@ class Search:
             ]
             for proposal, outcome in zip(proposals, generation, strict=True):
                 optimizer.tell(proposal, outcome)
+            if proposals:
+                policy.generation_done(proposals[-1].generation)
             tell_seconds = time.perf_counter() - tick
             scored = [o.fitness for o in generation if not o.failed]
             if scored:
@@ -198,12 +225,14 @@ class Search:
         self,
         journal: Journal,
         executor: Executor,
+        policy: FitnessPolicy,
         suites: dict[str, TaskSuite],
         echo: Echo,
         write_model: bool,
     ) -> SearchSummary:
         from evomerge.search.report import write_report
 
+        started = time.monotonic()
         trials = journal.finished()
         completed = [t for t in trials if not t.outcome.failed]
         if not completed:
@@ -211,18 +240,26 @@ class Search:
                 f"{self.out}: no candidate could be evaluated ({len(trials)} failed; first: "
                 f"{trials[0].outcome.error if trials else 'none ran'}); see the study for errors"
             )
-        best = max(completed, key=lambda t: (t.outcome.fitness, -t.number))
+        if any(not t.outcome.full for t in completed) and policy.rescore_count:
+            echo(f"re-scoring the {policy.rescore_count} best estimates on every fitness row")
+        rescored = policy.rescore(completed, executor, self.space)
+        # The best is chosen among exact fitnesses only: a lucky estimate cannot win.
+        exact = {t.number: t.outcome.fitness for t in completed if t.outcome.full}
+        exact.update({n: r["fitness"] for n, r in rescored.items()})
+        pool = [t for t in completed if t.number in exact] or completed
+        best = max(pool, key=lambda t: (exact.get(t.number, t.outcome.fitness), -t.number))
+        best_fitness = exact.get(best.number, best.outcome.fitness)
         pareto = _pareto(completed, self.objectives) if self.multi_objective else []
         best_recipe = self.space.to_recipe(best.genome)
-        best_yaml = _best_recipe_text(best_recipe, best, self)
+        best_yaml = _best_recipe_text(best_recipe, best, self, best_fitness)
         write_text(self.out / "best_recipe.yaml", best_yaml)
         if pareto:
             for number in pareto:
                 trial = next(t for t in completed if t.number == number)
                 text = _best_recipe_text(self.space.to_recipe(trial.genome), trial, self)
                 write_text(self.out / "pareto" / f"trial-{number}.yaml", text)
-        echo(f"best: trial {best.number}, fitness {best.outcome.fitness:.4f}")
-        references = self._references(journal, executor, suites, best, echo)
+        echo(f"best: trial {best.number}, fitness {best_fitness:.4f}")
+        references = self._references(journal, executor, policy, suites, best, echo)
         write_text(
             self.out / "scores.json",
             json.dumps([r.to_dict() for r in references], indent=2) + "\n",
@@ -230,6 +267,10 @@ class Search:
         journal.study.trials_dataframe().to_csv(self.out / "trials.csv", index=False)
         if write_model:
             self._write_model(best.genome, echo)
+        cost = fitness_cost(trials, policy, rescored, exact)
+        cost["wall_seconds"] = float(journal.get_attr("seconds", 0.0)) + (
+            time.monotonic() - started
+        )
         summary = SearchSummary(
             title=self.title,
             genes=self.space.genes,
@@ -240,7 +281,9 @@ class Search:
             pareto=pareto,
             best_recipe_yaml=best_yaml,
             settings=self._settings(),
+            cost=cost,
         )
+        write_text(self.out / "summary.json", json.dumps(summary_json(summary), indent=2) + "\n")
         report = write_report(summary, self.out)
         echo(f"wrote {self.out / 'best_recipe.yaml'}, {report}")
         return summary
@@ -249,6 +292,7 @@ class Search:
         self,
         journal: Journal,
         executor: Executor,
+        policy: FitnessPolicy,
         suites: dict[str, TaskSuite],
         best: TrialRecord,
         echo: Echo,
@@ -261,7 +305,11 @@ class Search:
         echo("scoring the sources, the uniform merge and the best merge on both splits")
         splits = [split for split in SPLITS if split in suites]
         references = [
-            _model_scores(source_name(model), "source", executor.score_source(model))
+            _model_scores(
+                source_name(model),
+                "source",
+                policy.source_results.get(model) or executor.score_source(model),
+            )
             for model in self.recipe.merge.referenced_models()
         ]
         for name, kind, candidate in self.space.references(best.genome):
@@ -289,6 +337,7 @@ class Search:
             "optimizer": f"{r.optimizer.backend}:{r.optimizer.name}",
             "population": getattr(r.optimizer, "population", None) or "default",
             "budget": r.budget.model_dump(exclude_none=True),
+            "fitness mode": r.fitness.mode.model_dump(exclude_defaults=True) or "full",
             "seed": r.seed,
             "device": r.device,
             "storage": redact(self.storage),
@@ -396,10 +445,63 @@ def _pareto(trials: list[TrialRecord], objectives: list[str]) -> list[int]:
     return [t.number for t in trials if not dominated(t)]
 
 
-def _best_recipe_text(recipe: Recipe, trial: TrialRecord, search: Search) -> str:
+def fitness_cost(
+    trials: list[TrialRecord],
+    policy: FitnessPolicy,
+    rescored: dict[int, dict],
+    exact: dict[int, float | None],
+) -> dict[str, Any]:
+    """What the fitness cost, in rows, against a search that scores every row of every
+    candidate; and the fitness each trial's estimate stands for, where it is known."""
+    per_trial = policy.rows.count
+    in_trials = sum(t.outcome.rows if t.outcome.rows is not None else per_trial for t in trials)
+    full = per_trial * len(trials)
+    return {
+        "mode": policy.name,
+        "fitness_rows": per_trial,
+        "rows_scored": in_trials + policy.extra_rows,
+        "rows_in_trials": in_trials,
+        "rows_outside_trials": policy.extra_rows,  # re-scoring the best estimates
+        "rows_full_search": full,
+        "stopped": sum(t.outcome.stopped for t in trials),
+        "rescored": sorted(rescored),
+        "exact": {str(n): v for n, v in sorted(exact.items())},
+    }
+
+
+def summary_json(summary: SearchSummary) -> dict[str, Any]:
+    """`summary.json`: the search in a few numbers."""
+    best = summary.best
+    assert best is not None
+    cost = summary.cost
+    ref = next((r for r in summary.references if r.kind == "best"), None)
+    return {
+        "title": summary.title,
+        "evaluations": len(summary.trials),
+        "failed": sum(t.outcome.failed for t in summary.trials),
+        "stopped": cost["stopped"],
+        "mode": cost["mode"],
+        "rows_scored": cost["rows_scored"],
+        "rows_full_search": cost["rows_full_search"],
+        "rows_share": cost["rows_scored"] / cost["rows_full_search"],
+        "wall_seconds": round(cost["wall_seconds"], 3),
+        "best": {
+            "trial": best.number,
+            "fitness": cost["exact"].get(str(best.number), best.outcome.fitness),
+            "estimate": best.outcome.fitness,
+            "heldout": ref.heldout_total if ref else None,
+            "heldout_stderr": ref.heldout_total_stderr if ref else None,
+        },
+    }
+
+
+def _best_recipe_text(
+    recipe: Recipe, trial: TrialRecord, search: Search, fitness: float | None = None
+) -> str:
+    fitness = trial.outcome.fitness if fitness is None else fitness
     header = (
         f"# Found by evomerge search ({search.title}): trial {trial.number}, "
-        f"fitness {trial.outcome.fitness:.4f}.\n"
+        f"fitness {fitness:.4f}.\n"
         f"# Rebuild: evomerge merge best_recipe.yaml OUT --seed {search.recipe.seed}"
         " (or mergekit-yaml)\n"
     )

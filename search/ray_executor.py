@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from evomerge.evals.results import EvalResult
@@ -43,9 +43,9 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, recipe: Recipe) -> tuple[int, Outcome]:
+    def evaluate(self, recipe: Recipe, ticket: Any = None) -> tuple[int, Outcome]:
         """The outcome, with this process's id (a restarted worker has a new one)."""
-        return os.getpid(), next(self.executor.evaluate([recipe]))
+        return os.getpid(), next(self.executor.evaluate([recipe], [ticket]))
 
     def score(self, recipe: Recipe, split: str) -> EvalResult:
         return self.executor.score(recipe, split)
@@ -97,10 +97,14 @@ class RayExecutor:
             message = first_line(exc, limit=300)
             raise SearchError(f"executor ray: a worker failed to start: {message}") from None
 
-    def evaluate(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]:
+    def evaluate(
+        self, recipes: Sequence[Recipe], tickets: Iterable[Any] | None = None
+    ) -> Iterator[Outcome]:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
+        # Minibatch and IRT tickets depend on the generation only: all can be taken now.
+        plan = list(tickets) if tickets is not None else [None] * len(recipes)
         queue = deque(range(len(recipes)))
         idle = [w for w, deaths in self.deaths.items() if deaths <= MAX_RESTARTS]
         # object ref -> (candidate, worker); candidate None marks a probe of a restarting worker
@@ -112,7 +116,7 @@ class RayExecutor:
             while idle and queue:
                 candidate, worker = queue.popleft(), idle.pop(0)
                 tries[candidate] += 1
-                ref = self.actors[worker].evaluate.remote(recipes[candidate])
+                ref = self.actors[worker].evaluate.remote(recipes[candidate], plan[candidate])
                 in_flight[ref] = (candidate, worker)
             if not in_flight:
                 raise SearchError("executor ray: every worker has died; see the Ray logs")

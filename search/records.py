@@ -42,6 +42,10 @@ class Outcome:
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # materialize, evaluate, optimizer
     decoding: str | None = None  # how generations ran: 'fast greedy', or generate() and why
+    rows: int | None = None  # fitness rows scored (None: every row, before modes existed)
+    full: bool = True  # scored on every fitness row: `fitness` is exact, not an estimate
+    stopped: bool = False  # racing stopped it early; `fitness` estimates from the rows it saw
+    row_values: dict[str, list[float]] | None = None  # per task, per row (IRT calibration)
 
     @property
     def failed(self) -> bool:
@@ -108,3 +112,4 @@ class SearchSummary:
     pareto: list[int] = field(default_factory=list)  # trial numbers on the front (multi-objective)
     best_recipe_yaml: str = ""
     settings: dict[str, Any] = field(default_factory=dict)  # optimizer, budget, seed, device ...
+    cost: dict[str, Any] = field(default_factory=dict)  # fitness rows scored (loop.fitness_cost)

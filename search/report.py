@@ -153,6 +153,7 @@ def render_markdown(summary: SearchSummary, images: Sequence[tuple[str, str, str
     if summary.settings:
         lines += ["## Settings", "", *_table(["setting", "value"], summary.settings.items()), ""]
     lines += results_section(summary.references)
+    lines += cost_section(summary)
     lines += _trials_section(summary)
     lines += _best_section(summary)
     if summary.pareto and len(summary.objectives) >= 2:
@@ -196,6 +197,36 @@ def results_section(refs: Sequence[ModelScores]) -> list[str]:
     else:
         lines += [f"The best merge **does not beat** {claim}:", ""]
         lines += [*(f"- {s}" for s in shortfalls), ""]
+    return lines
+
+
+def cost_section(summary: SearchSummary) -> list[str]:
+    """What the fitness cost: rows scored against a search that scores every row, beside the
+    held-out result it bought; and the re-scored estimates."""
+    cost = summary.cost
+    if not cost:
+        return []
+    share = cost["rows_scored"] / cost["rows_full_search"] if cost["rows_full_search"] else 0.0
+    best = next((r for r in summary.references if r.kind == "best"), None)
+    heldout = _fmt(best.heldout_total, best.heldout_total_stderr) if best else "-"
+    lines = [
+        "## Fitness cost",
+        "",
+        f"Mode **{cost['mode']}**: {cost['rows_scored']:,} fitness rows scored, {share:.1%} of "
+        f"the {cost['rows_full_search']:,} a full search of these {len(summary.trials)} trials "
+        f"scores ({cost['rows_outside_trials']:,} of them re-scoring the best estimates); "
+        f"{cost['stopped']} trials stopped early. Best held-out total: {heldout}.",
+        "",
+    ]
+    if cost["rescored"]:
+        by_number = {t.number: t for t in summary.trials}
+        rows = [
+            (n, _fmt(by_number[n].outcome.fitness, by_number[n].outcome.fitness_stderr),
+             _fmt(cost["exact"][str(n)]))
+            for n in cost["rescored"]
+        ]  # fmt: skip
+        lines += ["Re-scored on every fitness row before the best was chosen:", ""]
+        lines += [*_table(["trial", "estimate ± stderr", "full-set fitness"], rows), ""]
     return lines
 
 

@@ -4,6 +4,7 @@ the two `Search`es with the same `run` signature as one."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,26 @@ class StagedSearch:
         )
         summary = dfs.run(resume=resume, echo=echo, progress=progress, write_model=write_model)
         write_text(self.out / "report.md", _stages_report(self.title, ps_summary, summary))
+        write_text(self.out / "summary.json", json.dumps(self._summary(), indent=2) + "\n")
         echo(f"wrote {self.out / 'report.md'}")
         return summary
+
+    def _summary(self) -> dict:
+        """Both stages' summary.json in one: counts added up, the best is stage 2's."""
+        stages = {s: json.loads((self.out / s / "summary.json").read_text()) for s in ("ps", "dfs")}
+        total = {
+            key: sum(stage[key] for stage in stages.values())
+            for key in ("evaluations", "failed", "stopped", "rows_scored", "rows_full_search")
+        }
+        return {
+            "title": self.title,
+            **total,
+            "mode": stages["dfs"]["mode"],
+            "rows_share": total["rows_scored"] / total["rows_full_search"],
+            "wall_seconds": sum(stage["wall_seconds"] for stage in stages.values()),
+            "best": stages["dfs"]["best"],
+            "stages": stages,
+        }
 
 
 def _stages_report(title: str, ps: SearchSummary, dfs: SearchSummary) -> str:
