@@ -12,7 +12,7 @@ knows the bar of the generation and IRT can calibrate on it.
     policy.prepare(executor)            # IRT: the sources' per-row correctness
     tickets = [policy.ticket(p) for p in proposals]
     ...
-    best = policy.rescore(trials, executor)   # the best estimates scored on every row
+    rescored = policy.rescore(trials, executor, space)   # the best, scored on every row
 
 Every ticket is deterministic given the seed, the proposal and what came before it in trial
 order, so a resumed search makes the same trials; a racing candidate saves each chunk's rows
