@@ -331,6 +331,8 @@ class RacingPolicy(FitnessPolicy):
         self.parents = mode.parents or max(1, population // 2)
         self.chunks = self.rows.chunks(mode.chunk, np.random.default_rng([self.seed, 7]))
         self.bounds: dict[int, list[float]] = {}  # generation -> finished candidates' lower bounds
+        # Only the first candidate after a resume can have been in flight: read it once.
+        self.interrupted: dict = self.journal.get_attr(INFLIGHT) or {}
         if optuna:
             self.journal.study.pruner = make_pruner(mode)
 
@@ -346,8 +348,8 @@ class RacingPolicy(FitnessPolicy):
 
     def ticket(self, proposal: Any) -> RaceTicket:
         key = {"number": proposal.number, "genome": [round(g, 12) for g in proposal.genome]}
-        stored = self.journal.get_attr(INFLIGHT) or {}
-        saved = stored.get("chunks", []) if stored.get("key") == key else []
+        saved = self.interrupted.get("chunks", []) if self.interrupted.get("key") == key else []
+        self.interrupted = {}
 
         def save(chunks: list[dict[str, list[float]]]) -> None:
             self.journal.set_attr(INFLIGHT, {"key": key, "chunks": chunks})

@@ -79,7 +79,7 @@ def race(population: np.ndarray, *, z: float, chunk: int, seed: int = 0):
     policy.mode, policy.optuna = RacingMode(type="racing", z=z, chunk=chunk), False
     policy.parents = len(population) // 2
     policy.chunks = rows.chunks(chunk, np.random.default_rng([seed, 7]))
-    policy.bounds = {}
+    policy.bounds, policy.interrupted = {}, {}
     outcomes = []
     for number, values in enumerate(population):
         proposal = Proposal(number, 0, [float(number)])
