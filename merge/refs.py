@@ -1,4 +1,5 @@
-"""Model references: a local directory, or a Hugging Face Hub id with an optional @revision."""
+"""Model references: a local directory, a Hugging Face Hub id with an optional @revision, or a
+GGUF file (`merge/gguf.py`: dequantized once into the cache)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from evomerge.merge import gguf
 from evomerge.merge.errors import MergeError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -63,6 +65,9 @@ def check_reference(text: str) -> ModelRef:
     if adapter is not None:
         check_reference(adapter)
         return check_reference(base)
+    if gguf.is_gguf(text):
+        gguf.gguf_file(text)
+        return ModelRef(text)
     ref = ModelRef.parse(text)
     path = Path(ref.path)
     if path.exists():
@@ -77,6 +82,8 @@ def resolve_model_dir(text: str, *, allow_pickle: bool = False) -> Path:
     """A local directory holding the model (for 'base+adapter', the base's), downloading a Hub
     model if needed."""
     ref = check_reference(text)
+    if gguf.is_gguf(ref.path):
+        return gguf.dequantized(ref.path)
     if Path(ref.path).exists():
         return Path(ref.path)
     return _download(ref, allow_pickle)
