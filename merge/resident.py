@@ -16,7 +16,7 @@ from torch import nn
 from evomerge.merge.compute import compute_task, generators_for, input_tensors, resolve_device
 from evomerge.merge.errors import MergeError
 from evomerge.merge.materialize import output_config
-from evomerge.merge.methods import TensorGroup
+from evomerge.merge.methods import TensorGroup, get_method
 from evomerge.merge.methods.task_arithmetic import merge_deltas, stack_deltas
 from evomerge.merge.plan import MergePlan, TensorTask, build_plan, reresolve
 from evomerge.merge.recipe import Recipe
@@ -96,10 +96,23 @@ class ResidentMerger:
         return AutoTokenizer.from_pretrained(self.plan.checkpoints[self.plan.config_model].path)
 
     def set_recipe(self, recipe: Recipe) -> None:
-        """New parameter values for the same models, slices and method."""
-        if recipe.merge_method != self.plan.method.name:
-            raise MergeError("set_recipe: the merge method cannot change in a resident merger")
-        reresolve(self.plan, recipe)
+        """New parameter values for the same models and slices. The method may change only from
+        one task-vector method to another (task_arithmetic, ties, dare_ties ...): the resident
+        base and deltas serve them all alike."""
+        previous = self.plan.method
+        if recipe.merge_method != previous.name:
+            method = get_method(recipe.merge_method)
+            if not (self._task_vectors and "sparsification" in method.extras):
+                raise MergeError(
+                    f"set_recipe: a resident {previous.name} merger cannot make a "
+                    f"{method.name} merge (only task-vector methods share their inputs)"
+                )
+            self.plan.method = method
+        try:
+            reresolve(self.plan, recipe)
+        except BaseException:
+            self.plan.method = previous
+            raise
 
     def set_parameters(self, parameters: list[TaskParameters]) -> None:
         """Per-tensor parameters directly, one (shared, per_input) pair per task in order."""

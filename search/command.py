@@ -72,11 +72,10 @@ def run_search_command(
 def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> None:
     """Validate the recipe and print the space, the budget and a cost estimate, offline."""
     from evomerge.evals.catalog import TaskCatalog
-    from evomerge.search.loop import check_before_loading, num_layers
-    from evomerge.search.optimizers import check_optimizer
+    from evomerge.search import baselines
+    from evomerge.search.loop import num_layers, preflight
 
-    check_optimizer(recipe.optimizer)
-    check_before_loading(recipe)
+    planned = preflight(recipe)
     if isinstance(recipe.space, PsDfsSpec):
         from evomerge.search.stages import stage_recipes
 
@@ -126,11 +125,19 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     if recipe.budget.seconds:
         budget.append(f"at most {recipe.budget.seconds / 3600:g} h of wall clock")
     echo(f"budget: {' and '.join(budget)}")
+    listed = [
+        p.name + (f" ({len(p.recipes)} evaluations)" if p.kind == "grid" else "") for p in planned
+    ]
+    if baselines.wants_random(recipe):
+        listed.append(f"random search ({evaluations or 'as many'} evaluations)")
+    echo(f"baselines: sources, uniform merge{''.join('; ' + b for b in listed)}")
     loads = {split: _workload(spec, split, manager) for split in ("fitness", "heldout")}
     for split in ("fitness", "heldout"):
         entries = ", ".join(_entry_text(e) for e in spec.entries(split)) or "none"
         echo(f"{split}: {entries}")
-    for line in _cost_lines(recipe, loads):
+    random = (evaluations or 0) if baselines.wants_random(recipe) else 0
+    grid = sum(len(p.recipes) for p in planned if p.kind == "grid")
+    for line in _cost_lines(recipe, loads, len(planned) + bool(random), grid + random):
         echo(line)
     echo("nothing was downloaded or loaded")
 
@@ -205,9 +212,12 @@ def _workload(spec, split: str, manager) -> list[_Load]:
     return loads
 
 
-def _cost_lines(recipe: SearchRecipe, loads: dict[str, list[_Load]]) -> list[str]:
-    """The workload of one evaluation, of the search, and of the final scoring, with what the
-    estimate assumes."""
+def _cost_lines(
+    recipe: SearchRecipe, loads: dict[str, list[_Load]], baselines: int, baseline_evaluations: int
+) -> list[str]:
+    """The workload of one evaluation, of the search, of its `baselines` (models scored at
+    the end, after `baseline_evaluations` fitness evaluations choosing them), and of the final
+    scoring, with what the estimate assumes."""
     evaluations = recipe.budget.evaluations
     fitness = loads["fitness"]
     unknown = [load.task for load in fitness if load.docs is None]
@@ -251,14 +261,21 @@ def _cost_lines(recipe: SearchRecipe, loads: dict[str, list[_Load]]) -> list[str
             f"documents ({share:.1%}, re-scoring included), about "
             f"{_hours(round(share * evaluations * tokens))} GPU-hours"
         )
-    references = len(recipe.merge.referenced_models()) + 2  # the sources, uniform and best
+    if baseline_evaluations:
+        lines.append(
+            f"cost: the baselines evaluate {baseline_evaluations} candidates more: at most "
+            f"{_count(baseline_evaluations * tokens)} generated tokens, about "
+            f"{_hours(baseline_evaluations * tokens)} GPU-hours"
+        )
+    sources = len(recipe.merge.referenced_models())
+    references = sources + 2 + baselines  # the sources, uniform, baselines and best
     heldout = loads["heldout"]
     held_unknown = [load.task for load in heldout if load.docs is None]
     final = tokens + sum((load.docs or 0) * (load.max_gen_toks or 0) for load in heldout)
     line = (
-        f"cost: then {references} models ({references - 2} sources, the uniform and the best "
-        f"merge) are scored on both splits: at most {_count(references * final)} tokens "
-        f"more, about {_hours(references * final)} GPU-hours"
+        f"cost: then {references} models ({sources} sources, the uniform merge, {baselines} "
+        f"baselines and the best merge) are scored on both splits: at most "
+        f"{_count(references * final)} tokens more, about {_hours(references * final)} GPU-hours"
     )
     if held_unknown:
         line += f", plus {', '.join(held_unknown)} (its size is unknown until loaded)"

@@ -167,6 +167,35 @@ class OptimizerSpec(_Strict):
     options: dict[str, Any] = {}  # keyword arguments for the optimizer or sampler
 
 
+HAND_METHODS = ("task_arithmetic", "ties", "dare_ties")  # hand recipes, mergekit's defaults
+BASELINE_NAMES = ("sources", "uniform", *HAND_METHODS, "grid", "random")
+
+
+class GridBaseline(_Strict):
+    """Task arithmetic with one global weight for every model but the base, `values` weights
+    from `low` to `high`: the best on the fitness split is judged on the held-out split."""
+
+    low: float = 0.0
+    high: float = 2.0
+    values: int = Field(default=11, ge=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GridBaseline:
+        if not self.low < self.high:
+            raise ValueError(f"grid: low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class RecipeBaseline(_Strict):
+    """A merge recipe of your own (a mergekit YAML file, relative to the search recipe)."""
+
+    name: str = Field(min_length=1)
+    recipe: Path
+
+
+Baseline = str | GridBaseline | RecipeBaseline
+
+
 class SearchRecipe(_Strict):
     merge: Recipe
     space: Annotated[SpaceSpec | DfsSpec | PsDfsSpec, Field(discriminator="type")]
@@ -183,6 +212,44 @@ class SearchRecipe(_Strict):
     storage: str | None = None  # an Optuna storage URL (default: SQLite in the output dir)
     study_name: str = "evomerge"
     out: Path | None = None  # default: runs/<recipe file stem>
+    # What the best merge is judged against besides the sources and the uniform merge (always
+    # scored): hand recipes (task_arithmetic, ties, dare_ties with mergekit's defaults), a
+    # tuned task-arithmetic `grid`, `random` search with the same budget, or {name, recipe}.
+    # Default: the three hand recipes when the merge has a base model (search/baselines.py).
+    baselines: list[Baseline] | None = None
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _baseline_forms(cls, entries: Any) -> Any:
+        if not isinstance(entries, list):
+            return entries
+        out = []
+        for entry in entries:
+            if entry == "grid":
+                entry = GridBaseline()
+            elif isinstance(entry, dict) and set(entry) == {"grid"}:
+                entry = GridBaseline.model_validate(entry["grid"] or {})
+            elif isinstance(entry, str) and entry not in BASELINE_NAMES:
+                import difflib
+
+                close = difflib.get_close_matches(entry, BASELINE_NAMES, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(
+                    f"unknown baseline {entry!r}{hint}; use {', '.join(BASELINE_NAMES)}, "
+                    "or {name: ..., recipe: FILE}"
+                )
+            elif isinstance(entry, dict) and ("name" in entry or "recipe" in entry):
+                try:
+                    entry = RecipeBaseline.model_validate(entry)
+                except ValidationError as exc:
+                    raise ValueError(describe_validation_error(exc)) from None
+            elif not isinstance(entry, str | dict | GridBaseline | RecipeBaseline):
+                raise ValueError(
+                    f"a baseline is a name ({', '.join(BASELINE_NAMES)}), {{grid: {{...}}}} or "
+                    f"{{name: ..., recipe: FILE}}; got {entry!r}"
+                )
+            out.append(entry)
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -236,6 +303,16 @@ def parse_search_recipe(data: Any, origin: str, base_dir: Path | None = None) ->
                 **data["fitness"],
                 "include_path": [str(base_dir / p) for p in paths],
             },
+        }
+    if base_dir is not None and isinstance(data.get("baselines"), list):
+        data = {
+            **data,
+            "baselines": [
+                {**b, "recipe": str(base_dir / b["recipe"])}
+                if isinstance(b, dict) and isinstance(b.get("recipe"), str)
+                else b
+                for b in data["baselines"]
+            ],
         }
     try:
         return SearchRecipe.model_validate(data)

@@ -21,18 +21,21 @@ from torch import nn
 
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
-from evomerge.merge.errors import first_line
+from evomerge.merge.errors import MergeError, first_line
 from evomerge.merge.recipe import Recipe
 from evomerge.search.records import Outcome
 
 
 class Executor(Protocol):
-    def evaluate(
-        self, candidates: Sequence[Any], tickets: Iterable[Any] | None = None
-    ) -> Iterator[Outcome]:
-        """One Outcome per candidate, in order, as each finishes. `tickets` (one per candidate,
-        None for plain full scoring) say which rows to score (`evomerge.search.fitness`); the
-        serial executors take each ticket just before its candidate runs."""
+    def run(self, candidate: Any, ticket: Any) -> Outcome:
+        """One candidate, materialized, then scored as its ticket says: the outcome with its
+        per-row values and timings (a failed one says why)."""
+        ...
+
+    def evaluate(self, candidates: Sequence[Any], tickets: Iterable[Any]) -> Iterator[Outcome]:
+        """One Outcome per candidate, in order, as each finishes. `tickets` (one per candidate)
+        say which rows to score and how (`evomerge.search.fitness`); the serial executors take
+        each ticket just before its candidate runs."""
         ...
 
     def score(self, candidate: Any, split: str) -> EvalResult:
@@ -43,23 +46,15 @@ class Executor(Protocol):
         """A source model alone, on every prepared split."""
         ...
 
+    def score_recipe(self, recipe: Recipe, splits: Sequence[str]) -> dict[str, EvalResult]:
+        """A merge recipe outside the search's space (a baseline) on these splits."""
+        ...
+
     def close(self) -> None: ...
 
 
 class CandidateError(Exception):
     """A candidate that cannot be scored (its merge is broken, not the search)."""
-
-
-def outcome_of(result: EvalResult, seconds: dict[str, float]) -> Outcome:
-    return Outcome(
-        fitness=result.fitness,
-        fitness_stderr=result.fitness_stderr,
-        scores={s.task: s.value for s in result.scores},
-        stderrs={s.task: s.stderr for s in result.scores},
-        seconds=seconds,
-        decoding=result.settings.get("decoding"),
-        rows=sum(map(len, result.rows.values())) if result.rows else None,
-    )
 
 
 def score_model(
@@ -73,9 +68,6 @@ def score_model(
 ) -> dict[str, EvalResult]:
     """A source model in a model of its own (its dtype or vocabulary may differ from the
     merge's), scored on every split of `suites`, then freed."""
-    from evomerge.evals.evaluator import Evaluator
-    from evomerge.merge.resident import ResidentMerger
-
     single = Recipe.model_validate(
         {
             "merge_method": "passthrough",
@@ -84,7 +76,22 @@ def score_model(
             "tokenizer_source": tokenizer_source,
         }
     )
-    merger = ResidentMerger(single, device=device, allow_pickle=allow_pickle)
+    return score_merge(single, suites, device=device, allow_pickle=allow_pickle)
+
+
+def score_merge(
+    recipe: Recipe,
+    suites: dict[str, TaskSuite],
+    *,
+    device: str,
+    allow_pickle: bool,
+    seed: int = 0,
+) -> dict[str, EvalResult]:
+    """A merge in a model of its own, scored on every split of `suites`, then freed."""
+    from evomerge.evals.evaluator import Evaluator
+    from evomerge.merge.resident import ResidentMerger
+
+    merger = ResidentMerger(recipe, device=device, seed=seed, allow_pickle=allow_pickle)
     evaluator = Evaluator(merger.build_model(), merger.tokenizer(), suites)
     try:
         return {split: evaluator.score(split) for split in suites}
@@ -100,6 +107,7 @@ class InMemoryExecutor:
     model: nn.Module
     suites: dict[str, TaskSuite]
     source_options: dict[str, Any]
+    seed: int = 0  # for stochastic merges (DARE, DELLA) made outside the search's space
 
     def __init__(self, model: nn.Module, tokenizer: Any, suites: dict[str, TaskSuite]):
         from evomerge.evals.evaluator import Evaluator
@@ -111,25 +119,21 @@ class InMemoryExecutor:
     def _materialize(self, candidate: Any) -> None:
         raise NotImplementedError
 
-    def evaluate(
-        self, candidates: Sequence[Any], tickets: Iterable[Any] | None = None
-    ) -> Iterator[Outcome]:
-        tickets = iter(tickets) if tickets is not None else None
+    def evaluate(self, candidates: Sequence[Any], tickets: Iterable[Any]) -> Iterator[Outcome]:
+        tickets = iter(tickets)
         for candidate in candidates:
             # The ticket is taken now: racing's depends on the outcomes told before it.
-            yield self._one(candidate, next(tickets) if tickets is not None else None)
+            yield self.run(candidate, next(tickets))
 
-    def _one(self, candidate: Any, ticket: Any = None) -> Outcome:
+    def run(self, candidate: Any, ticket: Any) -> Outcome:
+        """One candidate: materialized, then scored as its ticket says."""
         started = time.perf_counter()
         seconds: dict[str, float] = {}
         try:
             self._materialize(candidate)
             seconds["materialize"] = time.perf_counter() - started
-            if ticket is None:
-                outcome = outcome_of(self.evaluator.score("fitness"), seconds)
-            else:
-                outcome = ticket.run(lambda rows: self.evaluator.score("fitness", rows))
-                outcome.seconds = seconds
+            outcome = ticket.run(lambda rows: self.evaluator.score("fitness", rows))
+            outcome.seconds = seconds
         except Exception as exc:  # any failure of one candidate is recorded, not raised
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -144,6 +148,11 @@ class InMemoryExecutor:
 
     def score_source(self, model: str) -> dict[str, EvalResult]:
         return score_model(model, self.suites, **self.source_options)
+
+    def score_recipe(self, recipe: Recipe, splits: Sequence[str]) -> dict[str, EvalResult]:
+        options = {k: self.source_options[k] for k in ("device", "allow_pickle")}
+        suites = {split: self.suites[split] for split in splits}
+        return score_merge(recipe, suites, **options, seed=self.seed)
 
     def close(self) -> None:
         self.evaluator.close()
@@ -171,6 +180,15 @@ class SerialExecutor(InMemoryExecutor):
             "device": device,
             "allow_pickle": allow_pickle,
         }
+
+    def score_recipe(self, recipe: Recipe, splits: Sequence[str]) -> dict[str, EvalResult]:
+        """In place when the resident merger can make it (the same sources, and its method or
+        another task-vector method), else in a model of its own."""
+        try:
+            self.merger.set_recipe(recipe)
+        except MergeError:
+            return super().score_recipe(recipe, splits)
+        return {split: self.score(recipe, split) for split in splits}
 
     def _materialize(self, candidate: Recipe) -> None:
         self.merger.materialize(self.model, candidate)

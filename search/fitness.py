@@ -1,12 +1,12 @@
 """What each candidate's fitness costs: the fitness mode (`evomerge.evals.modes`) run inside the
 search loop.
 
-A `FitnessPolicy` hands each proposal a ticket, or None for the plain full scoring. A ticket is
-what the executor runs once the candidate is materialized: `ticket.run(score)`, where
-`score(rows)` scores the model on those rows of each fitness task and returns an EvalResult
-with per-row values. The executor adds timings; the loop tells the policy every outcome in
-trial order (`finished`) and every finished generation (`generation_done`), so that racing
-knows the bar of the generation and IRT can calibrate on it.
+A `FitnessPolicy` hands each proposal a ticket (every row, for the plain full scoring), and a
+ticket is the only way a candidate is scored: the executor materializes the candidate, then
+runs `ticket.run(score)`, where `score(rows)` scores the model on those rows of each fitness
+task and returns an EvalResult with per-row values. The executor adds timings; the loop tells
+the policy every outcome in trial order (`finished`) and every finished generation
+(`generation_done`), so that racing knows the bar of the generation and IRT can calibrate on it.
 
     policy = make_policy(recipe, suites, journal, optuna=..., population=...)
     policy.prepare(executor)            # IRT: the sources' per-row correctness
@@ -33,10 +33,12 @@ from evomerge.evals.modes import FullMode, IrtMode, MinibatchMode, RacingMode
 from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
 from evomerge.search.errors import SearchError
+from evomerge.search.observers import Observer
 from evomerge.search.records import Outcome, TrialRecord
 
 Scorer = Callable[[dict[str, list[int]] | None], EvalResult]  # rows per task (None: all)
 INFLIGHT = "racing.inflight"  # study attribute: the chunks of the racing candidate in flight
+IRT_SOURCES = "irt.sources"  # study attribute: the sources' per-row values (IRT calibration)
 
 
 @dataclass
@@ -104,14 +106,33 @@ def estimate_outcome(
 # --- tickets: what the executor runs for one candidate -----------------------------------------
 
 
+def outcome_of(result: EvalResult, seconds: dict[str, float] | None = None) -> Outcome:
+    """An outcome as lm-eval aggregated the result (exact for any metric), per-row values kept."""
+    return Outcome(
+        fitness=result.fitness,
+        fitness_stderr=result.fitness_stderr,
+        scores={s.task: s.value for s in result.scores},
+        stderrs={s.task: s.stderr for s in result.scores},
+        seconds=dict(seconds or {}),
+        decoding=result.settings.get("decoding"),
+        rows=sum(map(len, result.rows.values())) if result.rows else None,
+        row_values=dict(result.rows) if result.rows else None,
+    )
+
+
 @dataclass
 class FullTicket:
-    """Every row, keeping the per-row values (IRT calibration)."""
+    """Every row, keeping the per-row values (what strategies and IRT learn from). With
+    `aggregate` the fitness is lm-eval's own aggregation of each metric (plain full scoring:
+    exact for any metric); else the mean of the rows (IRT calibration, mean metrics only)."""
 
     rows: FitnessRows
+    aggregate: bool = False
 
     def run(self, score: Scorer) -> Outcome:
         result = score(None)
+        if self.aggregate:
+            return outcome_of(result)
         estimate = subset_estimate(result.rows, self.rows.totals, self.rows.weights)
         return estimate_outcome(estimate, result, keep_rows=True)
 
@@ -190,8 +211,8 @@ class RaceTicket:
 # --- policies ----------------------------------------------------------------------------------
 
 
-class FitnessPolicy:
-    """Full scoring: every candidate on every row (no tickets). Subclasses buy less."""
+class FitnessPolicy(Observer):
+    """Full scoring: every candidate on every row. Subclasses buy less."""
 
     name = "full"
 
@@ -204,12 +225,12 @@ class FitnessPolicy:
         """Before the first proposal."""
 
     def ticket(self, proposal: Any) -> Any:
-        return None
+        return FullTicket(self.rows, aggregate=True)
 
     def finished(self, proposal: Any, outcome: Outcome) -> None:
         """Each outcome, in trial order (resumed ones included)."""
 
-    def generation_done(self, generation: int) -> None:
+    def generation_done(self, generation: int, outcomes: list[Outcome]) -> None:
         """After a generation's outcomes were recorded and told."""
 
     def rescore(self, trials: Sequence[TrialRecord], executor: Any, space: Any) -> dict[int, dict]:
@@ -272,12 +293,12 @@ class IrtPolicy(FitnessPolicy):
     def prepare(self, executor: Any) -> None:
         """The sources' per-row correctness: from the scoring of the sources every search does
         for its report (kept for it in `source_results`, so they cost no extra rows)."""
-        stored = self.journal.get_attr("irt.sources")
+        stored = self.journal.get_attr(IRT_SOURCES)
         if stored is None:
             for model in self.sources:
                 self.source_results[model] = executor.score_source(model)
             stored = [self.source_results[m]["fitness"].rows for m in self.sources]
-            self.journal.set_attr("irt.sources", stored)
+            self.journal.set_attr(IRT_SOURCES, stored)
         self.source_rows = stored
         fitted = self.journal.get_attr("irt.calibration")
         if fitted is not None:
@@ -294,7 +315,7 @@ class IrtPolicy(FitnessPolicy):
         if self.calibration is None and outcome.row_values is not None:
             self.calibrating.append(outcome.row_values)
 
-    def generation_done(self, generation: int) -> None:
+    def generation_done(self, generation: int, outcomes: list[Outcome]) -> None:
         if self.calibration is None and generation + 1 >= self.mode.calibrate:
             self._fit()
 

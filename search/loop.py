@@ -11,22 +11,31 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from evomerge.evals.results import EvalResult
 from evomerge.evals.suite import TaskSuite
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.staging import check_can_create, write_text
-from evomerge.search.config import DfsSpec, PsDfsSpec, SearchRecipe
+from evomerge.search import baselines
+from evomerge.search.baselines import Planned
+from evomerge.search.config import (
+    BudgetSpec,
+    DfsSpec,
+    OptimizerSpec,
+    PsDfsSpec,
+    SearchRecipe,
+    SpaceSpec,
+)
 from evomerge.search.errors import SearchError
 from evomerge.search.executor import Executor
-from evomerge.search.fitness import FitnessPolicy, FitnessRows, check_mode, make_policy
+from evomerge.search.fitness import IRT_SOURCES, FitnessPolicy, check_mode, make_policy
 from evomerge.search.journal import Journal, recipe_hash, redact
 from evomerge.search.lock import output_lock
+from evomerge.search.observers import Observer, Progress, notify
 from evomerge.search.optimizers import MULTI_OBJECTIVE, check_optimizer, make_optimizer
 from evomerge.search.records import ModelScores, Outcome, SearchSummary, TrialRecord
 from evomerge.search.space import GeneSpace, ParameterSpace
@@ -46,18 +55,15 @@ class Search:
     objectives: list[str]
     storage: str
     title: str = "search"
+    baselines: list[Planned] = field(default_factory=list)
 
     @classmethod
     def prepare(
         cls, recipe: SearchRecipe, out: Path, *, storage: str | None = None, title: str = "search"
     ) -> Search | StagedSearch:
         """Everything that can be checked without loading a model or a dataset."""
-        check_optimizer(recipe.optimizer)
-        check_mode(recipe.fitness.mode, recipe.executor)
         check_can_create(out, SearchError)
-        check_before_loading(recipe)
-        if isinstance(recipe.space, DfsSpec | PsDfsSpec) and recipe.executor == "ray":
-            raise SearchError("executor: data-flow searches run with the serial executor for now")
+        planned = preflight(recipe)
         if isinstance(recipe.space, PsDfsSpec):
             from evomerge.search.stages import StagedSearch, stage_recipes
 
@@ -67,7 +73,7 @@ class Search:
         space = make_space(recipe)
         objectives = [entry.task for entry in recipe.fitness.tasks]
         storage = storage or recipe.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-        return cls(recipe, out, space, objectives, storage, title)
+        return cls(recipe, out, space, objectives, storage, title, planned)
 
     @property
     def multi_objective(self) -> bool:
@@ -99,125 +105,141 @@ class Search:
         executor: Executor | None,
         write_model: bool,
     ) -> SearchSummary:
-        recipe = self.recipe
-        journal = Journal(
-            self.storage,
-            recipe.study_name,
-            self.space.genes,
-            self.objectives,
-            recipe.fingerprint(),
-            multi_objective=self.multi_objective,
-            resume=resume,
-            where=f"{self.out}: ",
-        )
-        _set_threads(recipe)
-        budget = recipe.budget.evaluations
-        optimizer = make_optimizer(
-            self.space, recipe.optimizer, journal, budget=budget, seed=recipe.seed
-        )
+        _set_threads(self.recipe)
         if executor is None:
-            executor = self.space.make_executor(recipe, suites)
+            executor = self.space.make_executor(self.recipe, suites)
         try:
-            policy = make_policy(
-                recipe,
-                suites,
-                journal,
-                optuna=recipe.optimizer.backend == "optuna",
-                population=optimizer.population,  # type: ignore[attr-defined]
+            journal, policy = self.evolve(suites, executor, resume=resume, echo=echo,
+                                          progress=progress)  # fmt: skip
+            randoms = None
+            if baselines.wants_random(self.recipe):
+                # The `random` baseline: genomes drawn uniformly within the genes' bounds, as
+                # many as the search evaluated, with the same fitness mode, in a study of its own.
+                evaluations = len(journal.finished())
+                echo(f"baseline: random search, {evaluations} evaluations")
+                uniform = OptimizerSpec(backend="optuna", name="RandomSampler",
+                                        population=self.recipe.optimizer.population)  # fmt: skip
+                randoms = self.evolve(
+                    suites, executor, resume=resume, echo=echo, progress=progress,
+                    optimizer=uniform, study=f"{self.recipe.study_name}-random",
+                    evaluations=evaluations, inherit=journal,
+                )  # fmt: skip
+            summary = self._finish(
+                journal, executor, policy, suites, echo, write_model, randoms
             )
-            policy.prepare(executor)
-            self._loop(journal, optimizer, executor, echo, progress, policy)
-            summary = self._finish(journal, executor, policy, suites, echo, write_model)
         finally:
             executor.close()
         return summary
+
+    def evolve(
+        self,
+        suites: dict[str, TaskSuite],
+        executor: Executor,
+        *,
+        resume: bool,
+        echo: Echo = print,
+        progress: bool = True,
+        optimizer: OptimizerSpec | None = None,
+        study: str | None = None,
+        evaluations: int | None = None,
+        inherit: Journal | None = None,
+    ) -> tuple[Journal, FitnessPolicy]:
+        """The search proper: its study, optimizer and fitness policy, candidates evaluated by
+        `executor` until the budget is spent. Another `optimizer`, `study` and number of
+        `evaluations` run another search over the same space (the random baseline; benchmarks
+        comparing strategies on one executor); `inherit`: a study whose scoring of the sources
+        (for IRT) serves again. `run` adds the baselines and the end."""
+        recipe = self.recipe
+        spec = optimizer or recipe.optimizer
+        journal = Journal(
+            self.storage,
+            study or recipe.study_name,
+            self.space.genes,
+            self.objectives,
+            recipe.fingerprint(),
+            multi_objective=spec.backend == "optuna" and spec.name in MULTI_OBJECTIVE,
+            resume=resume,
+            where=f"{self.out}: ",
+        )
+        if inherit is not None and journal.get_attr(IRT_SOURCES) is None:
+            stored = inherit.get_attr(IRT_SOURCES)
+            if stored is not None:
+                journal.set_attr(IRT_SOURCES, stored)
+        budget = evaluations or recipe.budget.evaluations
+        strategy = make_optimizer(self.space, spec, journal, budget=budget, seed=recipe.seed)
+        policy = make_policy(
+            recipe,
+            suites,
+            journal,
+            optuna=spec.backend == "optuna",
+            population=strategy.population,  # type: ignore[attr-defined]
+        )
+        policy.prepare(executor)
+        self._loop(journal, strategy, executor, echo, progress, policy, evaluations)
+        return journal, policy
 
     # --- the loop ------------------------------------------------------------------------------
 
     def _loop(
         self,
-        journal,
-        optimizer,
+        journal: Journal,
+        optimizer: Any,
         executor: Executor,
         echo: Echo,
         progress: bool,
-        policy: FitnessPolicy | None = None,  # None: every candidate on every row
+        policy: FitnessPolicy,
+        evaluations: int | None = None,  # instead of the recipe's budget (the random baseline)
     ) -> None:
-        policy = policy or FitnessPolicy(FitnessRows({}, {}), journal, self.recipe.seed, 0)
-        from tqdm.auto import tqdm
-
+        """Ask a generation, evaluate what is new through the policy's tickets, record and
+        tell, until the budget is spent. The policy and the progress follow as observers:
+        every outcome in trial order (resumed ones included), then every finished generation."""
         budget = self.recipe.budget
-        seconds_before = float(journal.get_attr("seconds", 0.0))
-        started = time.monotonic()
-        journal.beat()
+        if evaluations is not None:
+            budget = BudgetSpec(evaluations=evaluations)
         previous = journal.finished()
-        finished = len(previous)
-        if finished:
-            echo(f"resuming: {finished} finished trials in {redact(self.storage)}")
-        bar = tqdm(
-            total=budget.evaluations,
-            initial=finished,
-            unit="eval",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        best = max((r.outcome.fitness for r in previous if not r.outcome.failed), default=None)
+        if previous:
+            echo(f"resuming: {len(previous)} finished trials in {redact(self.storage)}")
+        clock = Progress(journal, budget.evaluations, previous, enabled=progress)
+        observers: list[Observer] = [policy, clock]
         tell_seconds = 0.0
-        while True:
-            elapsed = seconds_before + time.monotonic() - started
-            done = optimizer.proposed
-            if budget.evaluations is not None and done >= budget.evaluations:
-                break
-            if budget.seconds is not None and elapsed >= budget.seconds:
-                echo(f"wall-clock budget of {budget.seconds:g} s reached")
-                break
+        while not self._spent(budget, optimizer.proposed, clock.elapsed, echo):
             n = optimizer.next_batch()
             if budget.evaluations is not None:
-                n = min(n, budget.evaluations - done)
+                n = min(n, budget.evaluations - optimizer.proposed)
             tick = time.perf_counter()
             proposals = optimizer.ask(n)
             ask_seconds = (time.perf_counter() - tick + tell_seconds) / max(len(proposals), 1)
-            todo = [p for p in proposals if p.done is None]
+            outcomes: dict[int, Outcome] = {}
             for proposal in proposals:  # resumed trials come first in their generation
                 if proposal.done is not None:
-                    policy.finished(proposal, proposal.done.outcome)
-            recipes = [self.space.to_recipe(p.genome) for p in todo]
+                    outcomes[proposal.number] = proposal.done.outcome
+                    notify(observers, "finished", proposal, proposal.done.outcome)
+            todo = [p for p in proposals if p.done is None]
             candidates = [self.space.candidate(p.genome) for p in todo]
-            if policy.name == "full":  # executors written before the modes take no tickets
-                evaluated = executor.evaluate(candidates)
-            else:
-                evaluated = executor.evaluate(candidates, (policy.ticket(p) for p in todo))
-            outcomes: dict[int, Outcome] = {}
-            for proposal, recipe, outcome in zip(todo, recipes, evaluated, strict=True):
+            evaluated = executor.evaluate(candidates, (policy.ticket(p) for p in todo))
+            for proposal, outcome in zip(todo, evaluated, strict=True):
                 outcome.seconds["optimizer"] = ask_seconds
+                recipe = self.space.to_recipe(proposal.genome)
                 optimizer.record(proposal, outcome, recipe_hash(recipe))
-                policy.finished(proposal, outcome)
-                journal.beat()
                 outcomes[proposal.number] = outcome
-                bar.update(1)
+                notify(observers, "finished", proposal, outcome)
             tick = time.perf_counter()
-            generation = [
-                proposal.done.outcome if proposal.done else outcomes[proposal.number]
-                for proposal in proposals
-            ]
+            generation = [outcomes[p.number] for p in proposals]
             for proposal, outcome in zip(proposals, generation, strict=True):
                 optimizer.tell(proposal, outcome)
-            if proposals:
-                policy.generation_done(proposals[-1].generation)
             tell_seconds = time.perf_counter() - tick
-            scored = [o.fitness for o in generation if not o.failed]
-            if scored:
-                best = max(scored + ([best] if best is not None else []))
-            if todo:
-                journal.set_attr("seconds", seconds_before + time.monotonic() - started)
-                bar.set_postfix(
-                    gen=proposals[0].generation,
-                    best=f"{best:.4f}" if best is not None else "-",
-                    mean=f"{sum(scored) / len(scored):.4f}" if scored else "-",
-                    failed=sum(o.failed for o in generation),
-                    refresh=False,
-                )
-        bar.close()
+            if proposals:
+                notify(observers, "generation_done", proposals[0].generation, generation)
+        clock.close()
+
+    @staticmethod
+    def _spent(budget: BudgetSpec, proposed: int, elapsed: float, echo: Echo) -> bool:
+        if budget.evaluations is not None and proposed >= budget.evaluations:
+            return True
+        if budget.seconds is not None and elapsed >= budget.seconds:
+            echo(f"wall-clock budget of {budget.seconds:g} s reached")
+            return True
+        return False
 
     # --- the end -------------------------------------------------------------------------------
 
@@ -229,6 +251,7 @@ class Search:
         suites: dict[str, TaskSuite],
         echo: Echo,
         write_model: bool,
+        randoms: tuple[Journal, FitnessPolicy] | None = None,
     ) -> SearchSummary:
         from evomerge.search.report import write_report
 
@@ -240,15 +263,7 @@ class Search:
                 f"{self.out}: no candidate could be evaluated ({len(trials)} failed; first: "
                 f"{trials[0].outcome.error if trials else 'none ran'}); see the study for errors"
             )
-        if any(not t.outcome.full for t in completed) and policy.rescore_count:
-            echo(f"re-scoring the {policy.rescore_count} best estimates on every fitness row")
-        rescored = policy.rescore(completed, executor, self.space)
-        # The best is chosen among exact fitnesses only: a lucky estimate cannot win.
-        exact = {t.number: t.outcome.fitness for t in completed if t.outcome.full}
-        exact.update({n: r["fitness"] for n, r in rescored.items()})
-        pool = [t for t in completed if t.number in exact] or completed
-        best = max(pool, key=lambda t: (exact.get(t.number, t.outcome.fitness), -t.number))
-        best_fitness = exact.get(best.number, best.outcome.fitness)
+        best, best_fitness, rescored, exact = self.choose(completed, executor, policy, echo)
         pareto = _pareto(completed, self.objectives) if self.multi_objective else []
         best_recipe = self.space.to_recipe(best.genome)
         best_yaml = _best_recipe_text(best_recipe, best, self, best_fitness)
@@ -260,6 +275,7 @@ class Search:
                 write_text(self.out / "pareto" / f"trial-{number}.yaml", text)
         echo(f"best: trial {best.number}, fitness {best_fitness:.4f}")
         references = self._references(journal, executor, policy, suites, best, echo)
+        references += self._baselines(journal, executor, suites, echo, randoms)
         write_text(
             self.out / "scores.json",
             json.dumps([r.to_dict() for r in references], indent=2) + "\n",
@@ -268,7 +284,9 @@ class Search:
         if write_model:
             self._write_model(best.genome, echo)
         cost = fitness_cost(trials, policy, rescored, exact)
-        cost["wall_seconds"] = float(journal.get_attr("seconds", 0.0)) + (
+        cost["search_seconds"] = float(journal.get_attr("seconds", 0.0))
+        random_seconds = float(randoms[0].get_attr("seconds", 0.0)) if randoms else 0.0
+        cost["wall_seconds"] = cost["search_seconds"] + random_seconds + (
             time.monotonic() - started
         )
         summary = SearchSummary(
@@ -288,6 +306,55 @@ class Search:
         echo(f"wrote {self.out / 'best_recipe.yaml'}, {report}")
         return summary
 
+    def choose(
+        self,
+        completed: list[TrialRecord],
+        executor: Executor,
+        policy: FitnessPolicy,
+        echo: Echo,
+    ) -> tuple[TrialRecord, float, dict[int, dict], dict[int, float | None]]:
+        """The best trial by exact fitness (estimates of the best few re-scored on every row
+        first: a lucky estimate cannot win), its fitness, the re-scored and the exact ones."""
+        if any(not t.outcome.full for t in completed) and policy.rescore_count:
+            echo(f"re-scoring the {policy.rescore_count} best estimates on every fitness row")
+        rescored = policy.rescore(completed, executor, self.space)
+        exact = {t.number: t.outcome.fitness for t in completed if t.outcome.full}
+        exact.update({n: r["fitness"] for n, r in rescored.items()})
+        pool = [t for t in completed if t.number in exact] or completed
+        best = max(pool, key=lambda t: (exact.get(t.number, t.outcome.fitness), -t.number))
+        return best, exact.get(best.number, best.outcome.fitness), rescored, exact
+
+    def _baselines(
+        self,
+        journal: Journal,
+        executor: Executor,
+        suites: dict[str, TaskSuite],
+        echo: Echo,
+        randoms: tuple[Journal, FitnessPolicy] | None,
+    ) -> list[ModelScores]:
+        """The recipe's baselines on both splits (search/baselines.py), each kept in the study."""
+        splits = [split for split in SPLITS if split in suites]
+        if self.baselines or randoms:
+            names = [p.name for p in self.baselines] + ["random search"] * bool(randoms)
+            echo(f"scoring the baselines: {'; '.join(names)}")
+        scorer = executor.score_recipe
+        scores = [baselines.score(p, scorer, journal, splits) for p in self.baselines]
+        if randoms is not None:
+            random_journal, policy = randoms
+            trials = [t for t in random_journal.finished() if not t.outcome.failed]
+            if trials:
+                best, _, _, _ = self.choose(trials, executor, policy, echo)
+                key = f"baseline:random:{best.number}"
+                cached = journal.get_attr(key)
+                if cached is None:
+                    candidate = self.space.candidate(best.genome)
+                    results = {split: executor.score(candidate, split) for split in splits}
+                    name = f"random search (best of {len(trials)}: trial {best.number})"
+                    cached = ModelScores.of(name, "random", results, len(trials)).to_dict()
+                    journal.set_attr(key, cached)
+                scores.append(ModelScores.from_dict(cached))
+        return scores
+
     def _references(
         self,
         journal: Journal,
@@ -305,16 +372,18 @@ class Search:
         echo("scoring the sources, the uniform merge and the best merge on both splits")
         splits = [split for split in SPLITS if split in suites]
         references = [
-            _model_scores(
+            ModelScores.of(
                 source_name(model),
                 "source",
                 policy.source_results.get(model) or executor.score_source(model),
+                0,
             )
             for model in self.recipe.merge.referenced_models()
         ]
         for name, kind, candidate in self.space.references(best.genome):
             results = {split: executor.score(candidate, split) for split in splits}
-            references.append(_model_scores(name, kind, results))
+            cost = len(journal.finished()) if kind == "best" else 0
+            references.append(ModelScores.of(name, kind, results, cost))
         journal.set_attr("references", {"best": key, "scores": [r.to_dict() for r in references]})
         return references
 
@@ -342,6 +411,35 @@ class Search:
             "device": r.device,
             "storage": redact(self.storage),
         }
+
+
+def preflight(recipe: SearchRecipe) -> list[Planned]:
+    """Everything a search refuses before it loads anything, in one place for a run and for
+    `--dry-run`; returns the baselines it will score."""
+    from evomerge.search.breeding import STRATEGIES
+
+    check_optimizer(recipe.optimizer, len(recipe.fitness.tasks))
+    check_mode(recipe.fitness.mode, recipe.executor)
+    if recipe.optimizer.name in STRATEGIES:
+        if not isinstance(recipe.space, SpaceSpec):
+            raise SearchError(
+                f"optimizer: {recipe.optimizer.name} breeds parameter-space genomes; use it "
+                "with a parameter space (or CMA for data-flow spaces)"
+            )
+        if recipe.fitness.mode.type == "racing":
+            raise SearchError(
+                f"fitness.mode: {recipe.optimizer.name} compares every member on the same rows, "
+                "which racing's early stops leave unscored; use full, minibatch or irt"
+            )
+        if recipe.optimizer.name == "natural_niches" and recipe.fitness.mode.type != "full":
+            raise SearchError(
+                "fitness.mode: natural_niches shares out every fitness row among its archive, "
+                "so each member needs all of them; use mode full"
+            )
+    check_before_loading(recipe)
+    if isinstance(recipe.space, DfsSpec | PsDfsSpec) and recipe.executor == "ray":
+        raise SearchError("executor: data-flow searches run with the serial executor for now")
+    return baselines.check(recipe)
 
 
 def check_before_loading(recipe: SearchRecipe) -> None:
@@ -377,8 +475,13 @@ def num_layers(recipe: SearchRecipe) -> int | None:
 def layer_count(model: str, fallback: int | None) -> int | None:
     """A model's layer count from its config.json (a local folder, or the Hugging Face cache);
     `fallback` when the config is not on this machine."""
+    from evomerge.merge import gguf
+    from evomerge.merge.lora import split_lora
     from evomerge.merge.refs import ModelRef
 
+    model = split_lora(model)[0]  # a LoRA reference has its base's layers
+    if gguf.is_gguf(model):
+        return gguf.layer_count(model) or fallback
     ref = ModelRef.parse(model)
     config = Path(ref.path) / "config.json"
     if not ref.is_local and ref.hub_id:
@@ -408,29 +511,20 @@ def make_space(recipe: SearchRecipe) -> GeneSpace:
 
 
 def source_name(model: str) -> str:
-    """How reports call a source: its folder's name (`ps/model` for a stage's merge), or the
-    reference as written for a Hub model."""
+    """How reports call a source: its folder's name (`ps/model` for a stage's merge), a GGUF
+    file's stem, `base+adapter` by both names, or the reference as written for a Hub model."""
+    from evomerge.merge import gguf
+    from evomerge.merge.lora import split_lora
+
+    base, adapter = split_lora(model)
+    if adapter is not None:
+        return f"{source_name(base)}+{source_name(adapter)}"
+    if gguf.is_gguf(model):
+        return Path(model).stem
     path = Path(model)
     if not path.exists():
         return model
     return "/".join(path.parts[-2:]) if path.name == "model" else path.name
-
-
-def _model_scores(name: str, kind: str, results: dict[str, EvalResult]) -> ModelScores:
-    def table(split: str) -> dict[str, tuple[float, float | None]]:
-        result = results.get(split)
-        return {s.task: (s.value, s.stderr) for s in result.scores} if result else {}
-
-    heldout = results.get("heldout")
-    return ModelScores(
-        name=name,
-        kind=kind,
-        fitness=table("fitness"),
-        heldout=table("heldout"),
-        fitness_total=results["fitness"].fitness if "fitness" in results else None,
-        heldout_total=heldout.fitness if heldout else None,
-        heldout_total_stderr=heldout.fitness_stderr if heldout else None,
-    )
 
 
 def _pareto(trials: list[TrialRecord], objectives: list[str]) -> list[int]:
@@ -485,6 +579,7 @@ def summary_json(summary: SearchSummary) -> dict[str, Any]:
         "rows_full_search": cost["rows_full_search"],
         "rows_share": cost["rows_scored"] / cost["rows_full_search"],
         "wall_seconds": round(cost["wall_seconds"], 3),
+        "search_seconds": round(cost["search_seconds"], 3),
         "best": {
             "trial": best.number,
             "fitness": cost["exact"].get(str(best.number), best.outcome.fitness),
@@ -492,6 +587,16 @@ def summary_json(summary: SearchSummary) -> dict[str, Any]:
             "heldout": ref.heldout_total if ref else None,
             "heldout_stderr": ref.heldout_total_stderr if ref else None,
         },
+        "references": [
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "evaluations": r.cost,
+                "heldout": r.heldout_total,
+                "heldout_stderr": r.heldout_total_stderr,
+            }
+            for r in summary.references
+        ],
     }
 
 

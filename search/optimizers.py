@@ -76,8 +76,14 @@ def default_population(n_genes: int) -> int:
     return 4 + int(3 * math.log(max(n_genes, 1)))
 
 
-def check_optimizer(spec: OptimizerSpec) -> None:
-    """Fail on an unknown optimizer before anything is loaded."""
+def check_optimizer(spec: OptimizerSpec, objectives: int | None = None) -> None:
+    """Fail on an unknown optimizer before anything is loaded (`objectives`: the number of
+    fitness tasks, which some strategies need several of)."""
+    from evomerge.search.breeding import STRATEGIES, check_strategy
+
+    if spec.name in STRATEGIES:
+        check_strategy(spec, objectives)
+        return
     if spec.backend == "nevergrad":
         import nevergrad as ng
 
@@ -88,7 +94,8 @@ def check_optimizer(spec: OptimizerSpec) -> None:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise SearchError(
                 f"optimizer.name: {spec.name!r} is not a Nevergrad optimizer{hint} "
-                "(e.g. CMA, NGOpt, DE, TwoPointsDE, PSO, RandomSearch)"
+                "(e.g. CMA, NGOpt, DE, TwoPointsDE, PSO, RandomSearch) or a breeding "
+                "strategy (natural_niches, cycle_qd)"
             )
         if spec.options and spec.name != "CMA":
             raise SearchError(
@@ -317,6 +324,10 @@ def make_optimizer(
     space: GeneSpace, spec: OptimizerSpec, journal: Journal, *, budget: int | None, seed: int
 ) -> Optimizer:
     check_optimizer(spec)
+    from evomerge.search.breeding import STRATEGIES, make_strategy
+
+    if spec.name in STRATEGIES:
+        return make_strategy(space, spec, journal, budget=budget, seed=seed)
     if spec.backend == "nevergrad":
         return NevergradOptimizer(space, spec, journal, budget=budget, seed=seed)
     return OptunaOptimizer(space, spec, journal, seed=seed)

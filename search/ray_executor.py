@@ -43,15 +43,18 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, recipe: Recipe, ticket: Any = None) -> tuple[int, Outcome]:
+    def evaluate(self, recipe: Recipe, ticket: Any) -> tuple[int, Outcome]:
         """The outcome, with this process's id (a restarted worker has a new one)."""
-        return os.getpid(), next(self.executor.evaluate([recipe], [ticket]))
+        return os.getpid(), self.executor.run(recipe, ticket)
 
     def score(self, recipe: Recipe, split: str) -> EvalResult:
         return self.executor.score(recipe, split)
 
     def score_source(self, model: str) -> dict[str, EvalResult]:
         return self.executor.score_source(model)
+
+    def score_recipe(self, recipe: Recipe, splits: list[str]) -> dict[str, EvalResult]:
+        return self.executor.score_recipe(recipe, splits)
 
 
 class RayExecutor:
@@ -97,14 +100,12 @@ class RayExecutor:
             message = first_line(exc, limit=300)
             raise SearchError(f"executor ray: a worker failed to start: {message}") from None
 
-    def evaluate(
-        self, recipes: Sequence[Recipe], tickets: Iterable[Any] | None = None
-    ) -> Iterator[Outcome]:
+    def evaluate(self, recipes: Sequence[Recipe], tickets: Iterable[Any]) -> Iterator[Outcome]:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         # Minibatch and IRT tickets depend on the generation only: all can be taken now.
-        plan = list(tickets) if tickets is not None else [None] * len(recipes)
+        plan = list(tickets)
         queue = deque(range(len(recipes)))
         idle = [w for w, deaths in self.deaths.items() if deaths <= MAX_RESTARTS]
         # object ref -> (candidate, worker); candidate None marks a probe of a restarting worker
@@ -151,6 +152,9 @@ class RayExecutor:
                 yield done.pop(next_out)
                 next_out += 1
 
+    def run(self, recipe: Recipe, ticket: Any) -> Outcome:
+        return next(self.evaluate([recipe], [ticket]))
+
     def score(self, recipe: Recipe, split: str) -> EvalResult:
         """One recipe on one split, on whichever worker answers (one may be restarting)."""
         return self._on_a_worker("score", recipe, split)
@@ -158,6 +162,10 @@ class RayExecutor:
     def score_source(self, model: str) -> dict[str, EvalResult]:
         """A source model on a worker, where its weights are loaded (a GPU, under Ray)."""
         return self._on_a_worker("score_source", model)
+
+    def score_recipe(self, recipe: Recipe, splits: Sequence[str]) -> dict[str, EvalResult]:
+        """A baseline merge on a worker."""
+        return self._on_a_worker("score_recipe", recipe, list(splits))
 
     def _refresh_pids(self, seconds: float = 60.0) -> None:
         """`pids` names the worker processes as they are now: a worker Ray restarted after the

@@ -4,7 +4,10 @@ models. The journal (an Optuna study) stores these; the report and the command r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from evomerge.evals.results import EvalResult
 
 
 @dataclass(frozen=True)
@@ -65,15 +68,39 @@ class TrialRecord:
 
 @dataclass
 class ModelScores:
-    """A reference model's scores on both splits: a source, the uniform merge or the best."""
+    """A reference model's scores on both splits: a source, the uniform merge, a baseline
+    (search/baselines.py) or the best."""
 
     name: str
-    kind: str  # 'source', 'uniform' or 'best'
+    kind: str  # 'source', 'uniform', 'hand', 'grid', 'random', 'recipe' or 'best'
     fitness: dict[str, tuple[float, float | None]]  # entry -> (value, stderr)
     heldout: dict[str, tuple[float, float | None]]
     fitness_total: float | None = None
     heldout_total: float | None = None
     heldout_total_stderr: float | None = None
+    cost: int | None = None  # fitness evaluations spent finding it (None: not a search result)
+
+    @classmethod
+    def of(
+        cls, name: str, kind: str, results: dict[str, EvalResult], cost: int | None = None
+    ) -> ModelScores:
+        """A model's scores from its results on each split."""
+
+        def table(split: str) -> dict[str, tuple[float, float | None]]:
+            result = results.get(split)
+            return {s.task: (s.value, s.stderr) for s in result.scores} if result else {}
+
+        heldout = results.get("heldout")
+        return cls(
+            name=name,
+            kind=kind,
+            fitness=table("fitness"),
+            heldout=table("heldout"),
+            fitness_total=results["fitness"].fitness if "fitness" in results else None,
+            heldout_total=heldout.fitness if heldout else None,
+            heldout_total_stderr=heldout.fitness_stderr if heldout else None,
+            cost=cost,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +111,7 @@ class ModelScores:
             "fitness_total": self.fitness_total,
             "heldout_total": self.heldout_total,
             "heldout_total_stderr": self.heldout_total_stderr,
+            "cost": self.cost,
         }
 
     @classmethod
@@ -96,6 +124,7 @@ class ModelScores:
             fitness_total=data.get("fitness_total"),
             heldout_total=data.get("heldout_total"),
             heldout_total_stderr=data.get("heldout_total_stderr"),
+            cost=data.get("cost"),
         )
 
 

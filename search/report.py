@@ -86,11 +86,12 @@ def _layer_label(layers: tuple[int, int] | None) -> str:
 
 
 def heldout_verdict(refs: Sequence[ModelScores]) -> tuple[bool | None, list[str]]:
-    """Whether the 'best' reference beats every source and the uniform merge on each held-out
-    entry by more than sqrt(s1² + s2²). Returns (verdict, shortfalls); verdict None when there is
-    nothing to compare. A missing score or stderr is a shortfall: the margin cannot be shown."""
+    """Whether the 'best' reference beats every other one (sources, the uniform merge and the
+    baselines) on each held-out entry by more than sqrt(s1² + s2²). Returns (verdict,
+    shortfalls); verdict None when there is nothing to compare. A missing score or stderr is a
+    shortfall: the margin cannot be shown."""
     best = next((r for r in refs if r.kind == "best"), None)
-    others = [r for r in refs if r.kind in ("source", "uniform")]
+    others = [r for r in refs if r.kind != "best"]
     if best is None or not others or not best.heldout:
         return None, []
     shortfalls = []
@@ -176,22 +177,26 @@ def results_section(refs: Sequence[ModelScores]) -> list[str]:
     if not refs:
         return [*lines, "No reference scores.", ""]
     fit, held = _entries(refs, "fitness"), _entries(refs, "heldout")
-    header = ["model", "kind", *(f"fitness: {e}" for e in fit), "fitness total"]
+    header = ["model", "kind", "evaluations", *(f"fitness: {e}" for e in fit), "fitness total"]
     header += [*(f"held-out: {e}" for e in held), "held-out total"]
     rows = []
     for r in refs:
-        row = [r.name, r.kind, *(_fmt(*r.fitness[e]) if e in r.fitness else "-" for e in fit)]
+        row = [r.name, r.kind, "-" if r.cost is None else r.cost]
+        row += [_fmt(*r.fitness[e]) if e in r.fitness else "-" for e in fit]
         row += [_fmt(r.fitness_total)]
         row += [_fmt(*r.heldout[e]) if e in r.heldout else "-" for e in held]
         row += [_fmt(r.heldout_total, r.heldout_total_stderr)]
         rows.append(row)
     lines += [*_table(header, rows), ""]
+    lines += ["Evaluations: the fitness evaluations spent finding the model (the search's "
+              "trials, the grid's values, the random search's trials; 0 for a source or a fixed "
+              "recipe).", ""]
     verdict, shortfalls = heldout_verdict(refs)
-    claim = "every source and the uniform merge on each held-out entry by more than the combined "
-    claim += "stderr sqrt(s1² + s2²)"
+    claim = "every other model above on each held-out entry by more than the combined stderr "
+    claim += "sqrt(s1² + s2²)"
     if verdict is None:
-        lines += ["No held-out comparison: it needs held-out scores of the best merge and of a "
-                  "source or the uniform merge.", ""]
+        lines += ["No held-out comparison: it needs held-out scores of the best merge and of "
+                  "another model.", ""]
     elif verdict:
         lines += [f"The best merge **beats** {claim}.", ""]
     else:

@@ -45,6 +45,7 @@ def stage_recipes(
             "merge": dfs_merge,
             "space": spec.dfs,
             "study_name": f"{recipe.study_name}-dfs",
+            "baselines": [],  # the PS stage is judged against them
         }
     )
     return ps, dfs
@@ -102,6 +103,7 @@ class StagedSearch:
             "mode": stages["dfs"]["mode"],
             "rows_share": total["rows_scored"] / total["rows_full_search"],
             "wall_seconds": sum(stage["wall_seconds"] for stage in stages.values()),
+            "search_seconds": sum(stage["search_seconds"] for stage in stages.values()),
             "best": stages["dfs"]["best"],
             "stages": stages,
         }

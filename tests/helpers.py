@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from evomerge import cli
 from evomerge.evals.results import EvalResult, Score, weighted_mean
 from evomerge.search.config import load_search_recipe
-from evomerge.search.executor import outcome_of
 from evomerge.search.loop import Search
 
 
@@ -163,36 +162,52 @@ def write_recipe(path: Path, family: Path, **overrides) -> Path:
 
 
 class HashExecutor:
-    """A stand-in executor for loop, journal and optimizer contracts: each candidate's score on
-    each fitness entry is a hash of the candidate (the same candidate always scores the same),
-    so a search runs in milliseconds with no model. `tasks` are the fitness entries' names;
-    each candidate takes at least `seconds` (for wall-clock budgets)."""
+    """A stand-in executor for loop, journal, optimizer and fitness-mode contracts: each
+    candidate's value on each row of each fitness entry is a hash of the candidate and the row
+    (the same candidate always scores the same), so a search runs in milliseconds with no model.
+    `tasks` are the fitness entries' names, each with `rows` rows (0, 1, ...); candidates are
+    scored through their tickets, as the real executors score them; each takes at least
+    `seconds` (for wall-clock budgets)."""
 
-    def __init__(self, tasks: list[str], seconds: float = 0.0):
+    def __init__(self, tasks: list[str], seconds: float = 0.0, rows: int = 60):
         self.tasks = tasks
         self.seconds = seconds
+        self.rows = rows
         self.evaluated = 0
 
-    def _result(self, what: object, split: str) -> EvalResult:
-        scores = []
+    def _result(self, what: object, split: str, rows: dict | None = None) -> EvalResult:
+        scores, values = [], {}
         for task in self.tasks:
-            digest = hashlib.sha256(f"{split} {task} {what!r}".encode()).digest()
-            value = int.from_bytes(digest[:4], "big") / 2**32
-            scores.append(Score(task, "exact_match", "none", value, 0.01, 100, weight=1.0))
+            ids = rows[task] if rows is not None else range(self.rows)
+            values[task] = [
+                int.from_bytes(hashlib.sha256(f"{split} {task} {i} {what!r}".encode()).digest()[:4])
+                / 2**32
+                for i in ids
+            ]
+            value = sum(values[task]) / len(values[task])
+            scores.append(Score(task, "exact_match", "none", value, 0.01, len(ids), weight=1.0))
         fitness, stderr = weighted_mean(scores)
-        return EvalResult(split, scores, fitness, stderr, settings={"decoding": "hash"})
+        return EvalResult(split, scores, fitness, stderr, settings={"decoding": "hash"},
+                          rows=values)  # fmt: skip
 
-    def evaluate(self, candidates):
+    def evaluate(self, candidates, tickets):
+        tickets = iter(tickets)
         for candidate in candidates:
-            time.sleep(self.seconds)
-            self.evaluated += 1
-            yield outcome_of(self._result(candidate, "fitness"), {})
+            yield self.run(candidate, next(tickets))
+
+    def run(self, candidate, ticket):
+        time.sleep(self.seconds)
+        self.evaluated += 1
+        return ticket.run(lambda rows: self._result(candidate, "fitness", rows))
 
     def score(self, candidate, split):
         return self._result(candidate, split)
 
     def score_source(self, model):
         return {split: self._result(model, split) for split in ("fitness", "heldout")}
+
+    def score_recipe(self, recipe, splits):
+        return {split: self._result(recipe, split) for split in splits}
 
     def close(self):
         pass

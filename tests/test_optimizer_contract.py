@@ -1,19 +1,18 @@
-"""The contract every optimizer keeps with the search loop, checked with a cheap objective (no
-model, no lm-eval; as Optuna's sampler tests do): the same seed gives the same trials, and a
-search stopped after some generations and resumed gives the trials of an uninterrupted one."""
+"""The contract every optimizer and breeding strategy keeps with the search loop, checked with a
+hash-scored executor (no model, no lm-eval; as Optuna's sampler tests do): the same seed gives
+the same trials, and a search stopped after some generations and resumed gives the trials of an
+uninterrupted one."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
-from helpers import content, trials_of, write_recipe
+from helpers import HashExecutor, content, trials_of, write_recipe
 
 from evomerge.search.config import load_search_recipe
+from evomerge.search.fitness import FitnessPolicy, FitnessRows
 from evomerge.search.journal import Journal, recipe_hash
 from evomerge.search.loop import Search
 from evomerge.search.optimizers import make_optimizer
-from evomerge.search.records import Outcome
 
 OPTIMIZERS = [
     {"name": "CMA", "population": 4},
@@ -24,28 +23,28 @@ OPTIMIZERS = [
     {"backend": "optuna", "name": "TPESampler", "population": 4},
     {"backend": "optuna", "name": "CmaEsSampler", "population": 4},
     {"backend": "optuna", "name": "RandomSampler", "population": 4},
+    {"name": "natural_niches", "population": 4, "options": {"archive": 5}},
+    {"name": "cycle_qd", "population": 4, "options": {"bins": 3}},
 ]
 
 
-class HashObjective:
-    """A deterministic, instant fitness for each recipe: a number drawn from its text."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def evaluate(self, recipes):
-        for recipe in recipes:
-            self.calls += 1
-            digest = hashlib.sha256(recipe.to_yaml().encode()).digest()
-            fitness = int.from_bytes(digest[:4]) / 2**32
-            yield Outcome(fitness=fitness, scores={"demo_combined": fitness}, seconds={})
-
-    def close(self):
-        pass
+TWO_TASKS = {
+    "tasks": [
+        {"task": task, "metric": "exact_match", "rows": "0:60",
+         "heldout": {"task": f"{task}_heldout", "rows": "0:60"}}
+        for task in ("demo_skill_a", "demo_skill_b")
+    ],
+}  # fmt: skip
 
 
-def search_to(recipe_path, out, evaluations: int, *, resume: bool) -> HashObjective:
-    """The loop of `Search.run` alone, with the cheap objective as executor."""
+def contract_recipe(path, family, optimizer):
+    """A demo search recipe for `optimizer` (cycle_qd gets two fitness tasks)."""
+    extra = {"fitness": TWO_TASKS} if optimizer["name"] == "cycle_qd" else {}
+    return write_recipe(path, family, optimizer=optimizer, **extra)
+
+
+def search_to(recipe_path, out, evaluations: int, *, resume: bool) -> HashExecutor:
+    """The loop of `Search.run` alone, with the hash-scored executor (full tickets)."""
     recipe = load_search_recipe(recipe_path)
     recipe = recipe.model_copy(
         update={"budget": recipe.budget.model_copy(update={"evaluations": evaluations})}
@@ -63,14 +62,17 @@ def search_to(recipe_path, out, evaluations: int, *, resume: bool) -> HashObject
     optimizer = make_optimizer(
         search.space, recipe.optimizer, journal, budget=evaluations, seed=recipe.seed
     )
-    objective = HashObjective()
-    search._loop(journal, optimizer, objective, echo=lambda _: None, progress=False)
-    return objective
+    executor = HashExecutor(search.objectives)
+    rows = FitnessRows({t: list(range(60)) for t in search.objectives},
+                       dict.fromkeys(search.objectives, 1.0))  # fmt: skip
+    policy = FitnessPolicy(rows, journal, recipe.seed, 0)
+    search._loop(journal, optimizer, executor, echo=lambda _: None, progress=False, policy=policy)
+    return executor
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o["name"])
 def test_the_same_seed_gives_the_same_trials(optimizer, demo_family, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", demo_family, optimizer=optimizer)
+    recipe = contract_recipe(tmp_path / "r.yaml", demo_family, optimizer)
     search_to(recipe, tmp_path / "a", 12, resume=False)
     search_to(recipe, tmp_path / "b", 12, resume=False)
     first, second = trials_of(tmp_path / "a"), trials_of(tmp_path / "b")
@@ -80,11 +82,11 @@ def test_the_same_seed_gives_the_same_trials(optimizer, demo_family, tmp_path):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o["name"])
 def test_resuming_equals_an_uninterrupted_run(optimizer, demo_family, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", demo_family, optimizer=optimizer)
+    recipe = contract_recipe(tmp_path / "r.yaml", demo_family, optimizer)
     search_to(recipe, tmp_path / "whole", 12, resume=False)
     search_to(recipe, tmp_path / "parts", 4, resume=False)
     resumed = search_to(recipe, tmp_path / "parts", 12, resume=True)
-    assert resumed.calls == 8  # finished trials are neither lost nor repeated
+    assert resumed.evaluated == 8  # finished trials are neither lost nor repeated
     whole, parts = trials_of(tmp_path / "whole"), trials_of(tmp_path / "parts")
     assert [content(t) for t in parts] == [content(t) for t in whole]
 

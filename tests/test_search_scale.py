@@ -28,10 +28,13 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_ray_workers_give_the_serial_executors_trials(demo_family, tmp_path, local_ray):
-    serial = write_recipe(tmp_path / "serial.yaml", demo_family)
+@pytest.mark.parametrize("optimizer", [{"name": "CMA", "population": 4},
+                                       {"name": "natural_niches", "population": 4}])  # fmt: skip
+def test_ray_workers_give_the_serial_executors_trials(optimizer, demo_family, tmp_path, local_ray):
+    serial = write_recipe(tmp_path / "serial.yaml", demo_family, optimizer=optimizer)
     run(serial, tmp_path / "serial", write_model=False)
-    parallel = write_recipe(tmp_path / "ray.yaml", demo_family, executor="ray", workers=2)
+    parallel = write_recipe(tmp_path / "ray.yaml", demo_family, executor="ray", workers=2,
+                            optimizer=optimizer)  # fmt: skip
     summary = run(parallel, tmp_path / "ray", write_model=False)
     assert [content(t) for t in trials_of(tmp_path / "ray")] == [
         content(t) for t in trials_of(tmp_path / "serial")
@@ -50,8 +53,8 @@ def test_a_killed_worker_loses_no_trial(demo_family, tmp_path, local_ray):
     class KillOnce(RayExecutor):
         killed = False
 
-        def evaluate(self, recipes):
-            for i, outcome in enumerate(super().evaluate(recipes)):
+        def evaluate(self, recipes, tickets):
+            for i, outcome in enumerate(super().evaluate(recipes, tickets)):
                 if i == 1 and not self.killed:  # mid-generation, with work in flight
                     os.kill(self.pids[0], signal.SIGKILL)
                     KillOnce.killed = True
