@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from evomerge.merge.errors import MergeError
+from evomerge.merge.errors import MergeError, os_error_line
 
 app = typer.Typer(
     add_completion=False,
@@ -73,6 +74,9 @@ def search(
     dry_run: Annotated[
         bool, typer.Option(help="Validate, print the space and a cost estimate; load nothing.")
     ] = False,
+    allow_changed_sources: Annotated[
+        bool, typer.Option(help="With --resume: go on although a source's files changed.")
+    ] = False,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the recipe's).")
     ] = None,
@@ -91,6 +95,10 @@ def search(
     workers: Annotated[
         int | None, typer.Option(help="With --executor ray: workers (default: GPUs, else CPUs).")
     ] = None,
+    sources: Annotated[
+        str | None,
+        typer.Option(help="Sources on the device, the host (streamed), or auto (the recipe's)."),
+    ] = None,
 ) -> None:
     """Evolve the merge recipe RECIPE; write the best recipe, its model and a report."""
     from evomerge.search.command import run_search_command
@@ -101,12 +109,14 @@ def search(
             out=out,
             resume=resume,
             dry_run=dry_run,
+            allow_changed_sources=allow_changed_sources,
             device=device,
             storage=storage,
             allow_pickle=allow_pickle,
             executor=executor,
             ray_address=ray_address,
             workers=workers,
+            sources=sources,
             echo=typer.echo,
         )
     except MergeError as exc:
@@ -162,7 +172,12 @@ def with_origin(message: str, path: Path) -> str:
     return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does: staged folders, locks, the study
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except MergeError as exc:
@@ -171,6 +186,13 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+    except OSError as exc:  # a full disk, a limit, a read-only output: staged writes are gone
+        typer.echo(f"error: {os_error_line(exc)}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        typer.echo("error: out of memory; free memory, raise the limit (ulimit -v), or use a "
+                   "smaller batch_size", err=True)  # fmt: skip
+        sys.exit(2)
 
 
 @app.command("eval")

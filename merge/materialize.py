@@ -92,7 +92,7 @@ def run_merge(
         dirs = [ckpt.path for ckpt in plan.checkpoints.values()]
         chat_template = resolve_chat_template(recipe.chat_template, dirs)
     try:
-        with staged_dir(out_dir) as staging:
+        with staged_dir(out_dir, overwrite=overwrite) as staging:
             write_weights(plan, staging, torch_device, seed, shard_bytes, progress)
             write_side_files(plan, staging, seed, out_dir.name, chat_template)
     finally:

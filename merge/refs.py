@@ -3,6 +3,7 @@ GGUF file (`merge/gguf.py`: dequantized once into the cache)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,3 +118,62 @@ def _download(ref: ModelRef, allow_pickle: bool) -> Path:
         raise MergeError(f"{ref}: revision {ref.revision!r} not found on the Hub") from None
     except OSError as exc:
         raise MergeError(f"{ref}: cannot download from the Hub: {exc}") from None
+
+
+IDENTITY_FILES = [*WEIGHT_PATTERNS, *PICKLE_PATTERNS, "config.json", "adapter_config.json"]
+SAMPLES, SAMPLE_BYTES = 64, 4096  # read per file: at most 256 KiB beyond a safetensors header
+
+
+def source_identity(text: str) -> str:
+    """A short hash that changes when a source's weights change, read in milliseconds: for each
+    weight and config file of its folder (and its adapter's), its name, size, safetensors header
+    and 64 blocks of 4 KiB spread over it (a retrained or replaced model differs in nearly every
+    block; a file rewritten with the same bytes keeps its identity). A Hub model that is not on
+    disk is its reference."""
+    from evomerge.merge.lora import split_lora
+
+    base, adapter = split_lora(text)
+    digest = hashlib.sha256()
+    for part in [base] if adapter is None else [base, adapter]:
+        path = gguf.gguf_file(part) if gguf.is_gguf(part) else Path(ModelRef.parse(part).path)
+        if not path.exists():
+            digest.update(f"{part}\0".encode())
+            continue
+        files = [path] if path.is_file() else sorted(
+            {f for pattern in IDENTITY_FILES for f in path.glob(pattern) if f.is_file()}
+        )
+        for file in files:
+            digest.update(f"{file.name}\0".encode())
+            digest.update(_sampled_bytes(file))
+    return digest.hexdigest()[:16]
+
+
+def _sampled_bytes(file: Path) -> bytes:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        if size <= SAMPLES * SAMPLE_BYTES:
+            return f.read()
+        head = b""
+        if file.suffix == ".safetensors":
+            head = f.read(8)
+            head += f.read(min(int.from_bytes(head, "little"), 100_000_000))
+        blocks = []
+        for i in range(SAMPLES):
+            f.seek(size * i // SAMPLES)
+            blocks.append(f.read(SAMPLE_BYTES))
+        return size.to_bytes(8, "little") + head + b"".join(blocks)
+
+
+def source_bytes(text: str) -> int:
+    """The bytes of a source's weight files on disk (its base's for 'base+adapter'; 0 for a Hub
+    model not on disk)."""
+    from evomerge.merge.lora import split_lora
+
+    base, _ = split_lora(text)
+    path = gguf.gguf_file(base) if gguf.is_gguf(base) else Path(ModelRef.parse(base).path)
+    if not path.exists():
+        return 0
+    files = [path] if path.is_file() else [
+        f for pattern in (*WEIGHT_PATTERNS, *PICKLE_PATTERNS) for f in path.glob(pattern)
+    ]
+    return sum(f.stat().st_size for f in files if f.suffix != ".json")

@@ -4,10 +4,16 @@ parameters are materialized straight into one preallocated model, in place, with
 Task-vector methods keep the base and the stacked deltas (model - base) resident instead of the
 fine-tuned models, so a candidate costs one pass of the merge math per tensor. The math is the
 same function the file merge calls, so both give the same tensors for the same recipe and seed.
+
+Placement (`placement=`): `device` keeps the sources on the device beside the model; `host`
+keeps them in host memory (pinned for CUDA) and streams each task's tensors to the device while
+the previous task computes, so device memory holds the model and one task's inputs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -22,15 +28,26 @@ from evomerge.merge.plan import MergePlan, TensorTask, build_plan, reresolve
 from evomerge.merge.recipe import Recipe
 
 TaskParameters = tuple[dict[str, Any], list[dict[str, Any]]]
+PLACEMENTS = ("device", "host")
 
 
 class ResidentMerger:
     """Holds a recipe's source tensors on `device` and writes merges into models in place."""
 
     def __init__(
-        self, recipe: Recipe, *, device: str = "auto", seed: int = 0, allow_pickle: bool = False
+        self,
+        recipe: Recipe,
+        *,
+        device: str = "auto",
+        seed: int = 0,
+        allow_pickle: bool = False,
+        placement: str = "device",
     ):
+        if placement not in PLACEMENTS:
+            raise MergeError(f"sources: {placement!r}; use one of {', '.join(PLACEMENTS)}")
         self.device = resolve_device(device)
+        self.placement = placement
+        self.home = self.device if placement == "device" else torch.device("cpu")
         self.seed = seed
         self.plan: MergePlan = build_plan(recipe, allow_pickle=allow_pickle)
         extras = self.plan.method.extras
@@ -42,7 +59,7 @@ class ResidentMerger:
         def read(model: str, name: str) -> torch.Tensor:
             key = (model, name)
             if key not in loaded:
-                loaded[key] = self.plan.checkpoints[model].read(name, self.device)
+                loaded[key] = self.plan.checkpoints[model].read(name, self.home)
             return loaded[key]
 
         for task in self.plan.tasks:
@@ -56,6 +73,9 @@ class ResidentMerger:
                 self._inputs.append(tensors)
         for ckpt in self.plan.checkpoints.values():
             ckpt.close()
+        if self.home != self.device and self.device.type == "cuda":
+            self._inputs = [[t.pin_memory() for t in ts] for ts in self._inputs]
+            self._deltas = [None if d is None else d.pin_memory() for d in self._deltas]
 
     def _uses_deltas(self, task: TensorTask, tensors: list[torch.Tensor]) -> bool:
         return (
@@ -129,7 +149,7 @@ class ResidentMerger:
         if recipe is not None:
             self.set_recipe(recipe)
         targets = self._targets(model)
-        for task, inputs, deltas in zip(self.plan.tasks, self._inputs, self._deltas, strict=True):
+        for task, inputs, deltas in self._on_device():
             target = targets[task.out_name]
             if deltas is None:
                 result = compute_task(self.plan, task, inputs, self.seed, self.device)
@@ -154,6 +174,33 @@ class ResidentMerger:
             )
             if not direct:
                 target.copy_(result)
+
+    def _on_device(self) -> Iterator[tuple[TensorTask, list[torch.Tensor], torch.Tensor | None]]:
+        """Each task with its inputs and deltas on the device. Host placement copies the next
+        task's tensors on a side stream (CUDA) while the current one computes."""
+        resident = zip(self.plan.tasks, self._inputs, self._deltas, strict=True)
+        if self.home == self.device:
+            yield from resident
+            return
+        cuda = self.device.type == "cuda"
+        copies = torch.cuda.Stream(self.device) if cuda else None
+
+        def fetch(inputs: list[torch.Tensor], deltas: torch.Tensor | None):
+            with torch.cuda.stream(copies) if cuda else nullcontext():
+                moved = [t.to(self.device, non_blocking=True) for t in inputs]
+                return moved, None if deltas is None else deltas.to(self.device, non_blocking=True)
+
+        items = list(resident)
+        ahead = fetch(*items[0][1:]) if items else None
+        for i, (task, _, _) in enumerate(items):
+            if cuda:
+                torch.cuda.current_stream(self.device).wait_stream(copies)
+            inputs, deltas = ahead  # type: ignore[misc]
+            for t in [*inputs, *([] if deltas is None else [deltas])]:
+                if cuda:
+                    t.record_stream(torch.cuda.current_stream(self.device))
+            ahead = fetch(*items[i + 1][1:]) if i + 1 < len(items) else None
+            yield task, inputs, deltas
 
     def _targets(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = dict(model.named_parameters())

@@ -336,7 +336,7 @@ def write_checkpoint(
         for out, ref, name, _ in items:
             info = ckpts[ref].tensors[name]
             entries.append(Entry(out, info.shape, info.dtype))
-        with staged_dir(out_dir) as staging:
+        with staged_dir(out_dir, overwrite=overwrite) as staging:
             with ShardedWriter(staging, entries, parse_size(out_shard_size)) as writer:
                 for out, ref, name, factor in items:
                     tensor = _fold(ckpts[ref].read(name), factor)

@@ -127,12 +127,23 @@ class ShardedWriter:
                 data = tensor.detach().to("cpu").contiguous().reshape(-1)
                 handle.write(data.view(torch.uint8).numpy().data)
         except BaseException as exc:  # surfaced on the main thread
-            self._error = exc
+            self._fail(exc, current)
             while self._queue.get() is not None:
                 pass
         finally:
             if handle:
-                handle.close()
+                try:
+                    handle.close()
+                except BaseException as exc:  # a buffered write failing at last (disk full)
+                    self._fail(exc, current)
+
+    def _fail(self, exc: BaseException, shard: int) -> None:
+        """Keep the first error, naming the shard file an OS refusal came from."""
+        if self._error is not None:
+            return
+        if isinstance(exc, OSError) and exc.filename is None and shard >= 0:
+            exc = OSError(exc.errno, exc.strerror, str(self.out_dir / self.files[shard]))
+        self._error = exc
 
     def close(self) -> None:
         self._queue.put(None)

@@ -33,6 +33,7 @@ def run_search_command(
     out: Path | None,
     resume: bool,
     dry_run: bool,
+    allow_changed_sources: bool = False,
     device: str | None,
     storage: str | None,
     echo: Callable[[str], None],
@@ -40,6 +41,7 @@ def run_search_command(
     executor: str | None = None,
     ray_address: str | None = None,
     workers: int | None = None,
+    sources: str | None = None,
     progress: bool = True,
 ) -> None:
     recipe = load_search_recipe(recipe_path)
@@ -49,6 +51,7 @@ def run_search_command(
         "executor": executor,
         "ray_address": ray_address,
         "workers": workers,
+        "sources": sources,
     }
     update = {k: v for k, v in overrides.items() if v is not None}
     if update:  # validated like the recipe's own fields
@@ -56,12 +59,16 @@ def run_search_command(
             {**recipe.model_dump(mode="json", exclude_none=True), **update}, str(recipe_path)
         )
     out = out or recipe.out or Path("runs") / recipe_path.stem
+    if allow_changed_sources and not resume:
+        raise SearchError("--allow-changed-sources: only with --resume (a new study records "
+                          "the sources as they are)")  # fmt: skip
     if dry_run:
         describe(recipe, recipe_path, echo)
         return
     search = Search.prepare(recipe, out, storage=storage, title=recipe_path.stem)
     try:
-        search.run(resume=resume, echo=echo, progress=progress)
+        search.run(resume=resume, echo=echo, progress=progress,
+                   allow_changed_sources=allow_changed_sources)  # fmt: skip
     except SearchError:
         raise
     except KeyboardInterrupt:
@@ -100,6 +107,8 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     echo(f"{path}: valid")
     echo(f"merge: {m.merge_method} of {', '.join(models)} over {m.base_model or '(no base)'}")
     echo(f"layers: {layers if layers is not None else 'unknown offline'}")
+    for line in _memory_lines(space):
+        echo(line)
     echo(f"space: {len(space)} genes")
     shown = space.genes if len(space) <= MAX_GENES_LISTED else space.genes[:MAX_GENES_LISTED]
     width = max(len(g.name) for g in shown)
@@ -140,6 +149,31 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     for line in _cost_lines(recipe, loads, len(planned) + bool(random), grid + random):
         echo(line)
     echo("nothing was downloaded or loaded")
+
+
+def _memory_lines(space) -> list[str]:
+    """The memory plan of a parameter-space search whose sources are all local folders (read
+    from their headers; a Hub model or an unconverted GGUF file is not fetched for it)."""
+    from evomerge.merge.lora import split_lora
+    from evomerge.merge.materialize import output_config
+    from evomerge.merge.memory import plan_memory
+    from evomerge.merge.plan import build_plan
+    from evomerge.merge.refs import ModelRef
+    from evomerge.search.space import ParameterSpace
+
+    if not isinstance(space, ParameterSpace):
+        return []
+    first = space.to_recipe(space.init())
+    models = first.referenced_models()
+    if not all(Path(ModelRef.parse(split_lora(m)[0]).path).is_dir() for m in models):
+        return ["memory plan: needs every source on this machine (a Hub model or GGUF is not "
+                "fetched for a dry run)"]  # fmt: skip
+    plan = build_plan(first)
+    try:
+        return plan_memory(plan, output_config(plan)).lines()
+    finally:
+        for ckpt in plan.checkpoints.values():
+            ckpt.close()
 
 
 def _entry_text(entry) -> str:

@@ -209,6 +209,9 @@ class SearchRecipe(_Strict):
     workers: int | None = Field(default=None, gt=0)  # Ray workers (default: one per GPU or CPU)
     ray_address: str | None = None  # an existing Ray cluster ('auto'); default: start one here
     threads: int | None = Field(default=None, gt=0)  # CPU threads (default 1 on CPU)
+    # Where the resident sources live (merge/resident.py): device, host (streamed to the device
+    # tensor by tensor), auto (device when the memory plan fits the free device memory).
+    sources: Literal["device", "host", "auto"] = "auto"
     storage: str | None = None  # an Optuna storage URL (default: SQLite in the output dir)
     study_name: str = "evomerge"
     out: Path | None = None  # default: runs/<recipe file stem>

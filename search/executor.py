@@ -169,10 +169,12 @@ class SerialExecutor(InMemoryExecutor):
         device: str = "auto",
         seed: int = 0,
         allow_pickle: bool = False,
+        placement: str = "device",
     ):
         from evomerge.merge.resident import ResidentMerger
 
-        self.merger = ResidentMerger(first, device=device, seed=seed, allow_pickle=allow_pickle)
+        self.merger = ResidentMerger(first, device=device, seed=seed, allow_pickle=allow_pickle,
+                                     placement=placement)  # fmt: skip
         super().__init__(self.merger.build_model(), self.merger.tokenizer(), suites)
         self.source_options = {
             "dtype": first.dtype,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import re
+import socket
 import time
 import uuid
 from typing import Any
@@ -28,24 +30,47 @@ from evomerge.search.records import Gene, Outcome, TrialRecord
 
 optuna.logging.set_verbosity(logging.WARNING)
 STALE_AFTER_SECONDS = 600.0  # a shared study's running trial is orphaned after this silence
+SQLITE_LOCK_SECONDS = 60.0  # how long a write waits for another process's lock on study.db
 
 
 def _open_study(storage: str, study_name: str, directions: list[str]) -> optuna.Study:
     """Create or load the study. Searchers starting together on a new database race to create
     Optuna's tables and the study; the loser of such a race retries and loads what the winner
     made."""
+    where: str | optuna.storages.BaseStorage = storage
+    if storage.startswith("sqlite"):  # wait out another process's write lock, within bounds
+        connect = {"timeout": SQLITE_LOCK_SECONDS}
+        where = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": connect})
     for attempt in range(5):
         try:
             return optuna.create_study(
-                storage=storage, study_name=study_name, directions=directions, load_if_exists=True
+                storage=where, study_name=study_name, directions=directions, load_if_exists=True
             )
         except (ImportError, ValueError):
             raise
-        except Exception:
-            if attempt == 4:
+        except Exception as exc:
+            if attempt == 4 or "locked" in str(exc):  # a lock was already waited for
                 raise
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
     raise AssertionError("unreachable")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def storage_problem(exc: BaseException, storage: str) -> str:
+    """What a storage error says, in one line, without the password."""
+    problem = scrub(first_line(exc), storage)
+    if "database is locked" in problem:
+        problem += f" (another process held it for over {SQLITE_LOCK_SECONDS:g} s)"
+    return problem
 
 
 def redact(storage: str) -> str:
@@ -107,9 +132,11 @@ class Journal:
             raise SearchError(
                 f"{where}study {study_name!r} in {redact(storage)}: {problem}"
             ) from None
-        except Exception as exc:  # the database is unreachable, refuses us, ...
+        except Exception as exc:  # the database is unreachable, refuses us, is locked, ...
+            problem = storage_problem(exc, storage)
             raise SearchError(
-                f"storage {redact(storage)}: cannot open it: {scrub(first_line(exc), storage)}"
+                f"storage {redact(storage)}: cannot open it: {problem}; fix that and run again "
+                "(--resume continues a study)"
             ) from None
         attrs = self.study.user_attrs
         stored = attrs.get("fingerprint")
@@ -130,6 +157,7 @@ class Journal:
             )
         self.distributions = {g.name: FloatDistribution(g.low, g.high) for g in genes}
         self.owner = uuid.uuid4().hex[:12]
+        self._announced = False
         # A SQLite study lives in one output folder, written by one process at a time; other
         # storages may be shared by several searchers, which beat while they work.
         self.stale_after = 0.0 if storage.startswith("sqlite") else STALE_AFTER_SECONDS
@@ -139,35 +167,37 @@ class Journal:
     def finished(self) -> list[TrialRecord]:
         """Completed and failed trials, by trial number."""
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        names = [g.name for g in self.genes]
+        # Earlier versions failed a trial killed while drawing its parameters: not a candidate.
+        done = [t for t in done if all(name in t.params for name in names)]
         return [self.record(t) for t in sorted(done, key=lambda t: t.number)]
 
     def live_owners(self) -> list[str]:
-        """Other searchers that have beaten recently on this (shared) study."""
-        now = time.time()
+        """Other searchers that have beaten recently on this (shared) study and whose process
+        is not provably gone."""
+        attrs = self.study.user_attrs
         return [
             key.removeprefix("heartbeat.")
-            for key, value in self.study.user_attrs.items()
-            if key.startswith("heartbeat.")
-            and key != f"heartbeat.{self.owner}"
-            and now - value <= self.stale_after
-        ]
+            for key in attrs
+            if key.startswith("heartbeat.") and key != f"heartbeat.{self.owner}"
+            and not self._stale(key.removeprefix("heartbeat."), attrs)
+        ]  # fmt: skip
+
+    def _stale(self, owner: str | None, attrs: dict[str, Any]) -> bool:
+        """A searcher is gone when it has not beaten for a while, or at once when it ran on
+        this host and its process no longer exists (SIGKILL, a crash)."""
+        if time.time() - attrs.get(f"heartbeat.{owner}", 0.0) > self.stale_after:
+            return True
+        host, _, pid = str(attrs.get(f"process.{owner}", "")).rpartition(":")
+        return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
     def orphaned(self) -> list[FrozenTrial]:
         """Running trials whose process stopped before telling them: all of them in a SQLite
-        study (one process writes it), else those whose owner has not beaten for a while."""
+        study (one process writes it), else those whose owner has not beaten for a while or
+        whose process on this host is gone."""
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        beats = {
-            key.removeprefix("heartbeat."): value
-            for key, value in self.study.user_attrs.items()
-            if key.startswith("heartbeat.")
-        }
-        now = time.time()
-
-        def stale(trial: FrozenTrial) -> bool:
-            owner = trial.user_attrs.get("owner")
-            return now - beats.get(owner, 0.0) > self.stale_after
-
-        orphans = [t for t in trials if stale(t)]
+        attrs = self.study.user_attrs
+        orphans = [t for t in trials if self._stale(t.user_attrs.get("owner"), attrs)]
         if len(orphans) < len(trials):
             print(
                 f"{len(trials) - len(orphans)} running trials belong to live searchers "
@@ -177,8 +207,13 @@ class Journal:
         return sorted(orphans, key=lambda t: t.number)
 
     def beat(self) -> None:
-        """Tell other searchers on this study that this process is alive."""
+        """Tell other searchers on this study that this process is alive (and, once, which
+        process it is: a searcher on the same host can then tell when it is gone)."""
         if self.stale_after > 0:
+            if not self._announced:
+                process = f"{socket.gethostname()}:{os.getpid()}"
+                self.study.set_user_attr(f"process.{self.owner}", process)
+                self._announced = True
             self.study.set_user_attr(f"heartbeat.{self.owner}", time.time())
 
     def n_trials(self) -> int:

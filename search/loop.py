@@ -9,6 +9,7 @@ and the uniform merge on both splits, write it, and write the report.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from optuna.exceptions import StorageInternalError
 
 from evomerge.evals.suite import TaskSuite
+from evomerge.merge.errors import first_line
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.refs import source_bytes, source_identity
 from evomerge.merge.staging import check_can_create, write_text
 from evomerge.search import baselines
 from evomerge.search.baselines import Planned
@@ -33,7 +37,7 @@ from evomerge.search.config import (
 from evomerge.search.errors import SearchError
 from evomerge.search.executor import Executor
 from evomerge.search.fitness import IRT_SOURCES, FitnessPolicy, check_mode, make_policy
-from evomerge.search.journal import Journal, recipe_hash, redact
+from evomerge.search.journal import Journal, recipe_hash, redact, storage_problem
 from evomerge.search.lock import output_lock
 from evomerge.search.observers import Observer, Progress, notify
 from evomerge.search.optimizers import MULTI_OBJECTIVE, check_optimizer, make_optimizer
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 
 Echo = Callable[[str], None]
 SPLITS = ("fitness", "heldout")
+SOURCES, SOURCES_CHANGED = "sources", "sources_changed"  # study attributes
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Search:
     storage: str
     title: str = "search"
     baselines: list[Planned] = field(default_factory=list)
+    allow_changed_sources: bool = False  # --resume a study whose sources changed (recorded)
+    # Each source's identity when this process first looked (the `sources` property).
+    _sources: dict[str, str] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def prepare(
@@ -89,12 +97,27 @@ class Search:
         progress: bool = True,
         executor: Executor | None = None,
         write_model: bool = True,
+        allow_changed_sources: bool = False,
     ) -> SearchSummary:
         from evomerge.evals.suite import prepare_suites
 
+        self.allow_changed_sources = allow_changed_sources
         suites = prepare_suites(self.recipe.fitness)  # builds the tasks: a missing one fails here
+        threads = torch.get_num_threads()
         with output_lock(self.out):  # one search per output folder at a time
-            return self._run(suites, resume, echo, progress, executor, write_model)
+            try:
+                return self._run(suites, resume, echo, progress, executor, write_model)
+            except StorageInternalError as exc:  # the database failed under us (full, locked)
+                raise self._storage_failed(exc) from None
+            finally:
+                torch.set_num_threads(threads)  # the caller's setting, as it was
+
+    def _storage_failed(self, exc: Exception) -> SearchError:
+        cause = storage_problem(exc.__cause__ or exc, self.storage)
+        return SearchError(
+            f"{redact(self.storage)}: the study's database failed: {cause}; every finished "
+            "trial is recorded: fix the cause and run again with --resume"
+        )
 
     def _run(
         self,
@@ -106,6 +129,8 @@ class Search:
         write_model: bool,
     ) -> SearchSummary:
         _set_threads(self.recipe)
+        if write_model:
+            self._check_free_space()
         if executor is None:
             executor = self.space.make_executor(self.recipe, suites)
         try:
@@ -124,9 +149,19 @@ class Search:
                     optimizer=uniform, study=f"{self.recipe.study_name}-random",
                     evaluations=evaluations, inherit=journal,
                 )  # fmt: skip
-            summary = self._finish(
-                journal, executor, policy, suites, echo, write_model, randoms
-            )
+            try:
+                summary = self._finish(
+                    journal, executor, policy, suites, echo, write_model, randoms
+                )
+            except (SearchError, StorageInternalError, OSError, MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # a held-out metric or the report failing at the end
+                raise SearchError(
+                    f"{self.out}: the search finished ({len(journal.finished())} trials "
+                    f"recorded) but its final step failed: {first_line(exc, with_type=True)}; "
+                    "fix that and run the search again with --resume to redo only the final "
+                    "scores, model and report"
+                ) from None
         finally:
             executor.close()
         return summary
@@ -161,6 +196,7 @@ class Search:
             resume=resume,
             where=f"{self.out}: ",
         )
+        self._check_sources(journal, echo)
         if inherit is not None and journal.get_attr(IRT_SOURCES) is None:
             stored = inherit.get_attr(IRT_SOURCES)
             if stored is not None:
@@ -177,6 +213,50 @@ class Search:
         policy.prepare(executor)
         self._loop(journal, strategy, executor, echo, progress, policy, evaluations)
         return journal, policy
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Each source's identity (merge/refs.py: headers and sampled bytes), taken once."""
+        if self._sources is None:
+            models = self.recipe.merge.referenced_models()
+            self._sources = {model: source_identity(model) for model in models}
+        return self._sources
+
+    def _check_sources(self, journal: Journal, echo: Echo) -> None:
+        """The study keeps its sources' identity: a study resumed on other files would mix two
+        searches into one result, so it is refused unless asked for (and then recorded)."""
+        stored = journal.get_attr(SOURCES)
+        if stored is None:
+            journal.set_attr(SOURCES, self.sources)
+            return
+        now = self.sources
+        changed = sorted(m for m in {*stored, *now} if stored.get(m) != now.get(m))
+        if not changed:
+            return
+        if not self.allow_changed_sources:
+            raise SearchError(
+                f"{self.out}: the sources changed since the study began ({', '.join(changed)}); "
+                "restore them, or pass --allow-changed-sources with --resume to go on with the "
+                "new files (recorded in the study)"
+            )
+        history = journal.get_attr(SOURCES_CHANGED, [])
+        journal.set_attr(SOURCES_CHANGED, [*history, {"after_trial": journal.n_trials(),
+                                                      "sources": changed}])  # fmt: skip
+        journal.set_attr(SOURCES, now)
+        for key in journal.study.user_attrs:  # scores of the old files: scored again
+            if key in ("references", IRT_SOURCES) or key.startswith("baseline:"):
+                journal.set_attr(key, None)
+        echo(f"warning: going on with changed sources ({', '.join(changed)}); the study says so")
+
+    def _check_sources_unchanged(self, step: str) -> None:
+        now = {model: source_identity(model) for model in self.sources}
+        changed = sorted(m for m in self.sources if now[m] != self.sources[m])
+        if changed:
+            raise SearchError(
+                f"{self.out}: {', '.join(changed)} changed while the search ran, before {step}; "
+                "the study is kept: restore the file(s) and run the search again with --resume "
+                "to redo only the final scores and model"
+            )
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -263,6 +343,7 @@ class Search:
                 f"{self.out}: no candidate could be evaluated ({len(trials)} failed; first: "
                 f"{trials[0].outcome.error if trials else 'none ran'}); see the study for errors"
             )
+        self._check_sources_unchanged("the final scores")
         best, best_fitness, rescored, exact = self.choose(completed, executor, policy, echo)
         pareto = _pareto(completed, self.objectives) if self.multi_objective else []
         best_recipe = self.space.to_recipe(best.genome)
@@ -282,6 +363,7 @@ class Search:
         )
         journal.study.trials_dataframe().to_csv(self.out / "trials.csv", index=False)
         if write_model:
+            self._check_sources_unchanged("writing the best model")
             self._write_model(best.genome, echo)
         cost = fitness_cost(trials, policy, rescored, exact)
         cost["search_seconds"] = float(journal.get_attr("seconds", 0.0))
@@ -386,6 +468,19 @@ class Search:
             references.append(ModelScores.of(name, kind, results, cost))
         journal.set_attr("references", {"best": key, "scores": [r.to_dict() for r in references]})
         return references
+
+    def _check_free_space(self) -> None:
+        """Before the first trial: room for the best model at the end (as large as the largest
+        source for a parameter-space merge; at most all sources together for a data-flow one)
+        and the report, so that hours of search do not end in a full disk."""
+        sizes = [source_bytes(model) for model in self.sources]
+        needed = (max(sizes) if isinstance(self.space, ParameterSpace) else sum(sizes)) + 2**24
+        free = shutil.disk_usage(self.out).free
+        if free < needed:
+            raise SearchError(
+                f"{self.out}: the best model and report need about {needed / 2**30:.2f} GiB, "
+                f"the disk has {free / 2**30:.2f} GiB free; free space or choose another --out"
+            )
 
     def _write_model(self, genome: list[float], echo: Echo) -> None:
         target = self.out / "model"

@@ -274,35 +274,35 @@ class OptunaOptimizer:
             raise SearchError(f"optimizer.options: {self.spec.name}: {exc}") from None
 
     def ask(self, n: int) -> list[Proposal]:
-        import optuna
-
         proposals = []
-        study = self.journal.study
         for _ in range(n):
-            frozen = self._next_pending()
-            if frozen is not None:
-                trial = optuna.trial.Trial(study, frozen._trial_id)
-                trial.set_user_attr("owner", self.journal.owner)
-                genome = [float(frozen.params[g.name]) for g in self.space.genes]
-            else:
-                trial = study.ask()
-                trial.set_user_attr("owner", self.journal.owner)
-                genome = [trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes]
+            pending = self.pending.pop(0) if self.pending else None
+            trial = self.journal.study.ask() if pending is None else self._reopen(pending)
+            trial.set_user_attr("owner", self.journal.owner)
+            genome = [trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes]
             generation = trial.number // self.population
             proposals.append(Proposal(trial.number, generation, genome, trial))
         return proposals
 
-    def _next_pending(self):
-        """A trial an earlier process asked but never told; one killed while its parameters
-        were being drawn is closed as failed."""
-        from optuna.trial import TrialState
+    def _reopen(self, frozen):
+        """A trial an earlier process asked but never told, to evaluate now. One killed while
+        its parameters were being drawn gets the rest drawn as that process would have: the
+        sampler reseeded for the trial, its random stream advanced past the parameters
+        already stored, so the trial holds what an uninterrupted run draws. (Stored parameters
+        are returned as stored by `suggest_float`.)"""
+        import optuna
 
-        while self.pending:
-            frozen = self.pending.pop(0)
-            if all(g.name in frozen.params for g in self.space.genes):
-                return frozen
-            self.journal.study.tell(frozen.number, state=TrialState.FAIL)
-        return None
+        study = self.journal.study
+        trial = optuna.trial.Trial(study, frozen._trial_id)  # reseeds the sampler for it
+        if all(g.name in frozen.params for g in self.space.genes):
+            return trial
+        for gene in self.space.genes:
+            if gene.name not in frozen.params:
+                break
+            if gene.name not in trial.relative_params:  # drawn independently: replay the draw
+                distribution = self.journal.distributions[gene.name]
+                study.sampler.sample_independent(study, frozen, gene.name, distribution)
+        return trial
 
     def record(self, proposal: Proposal, outcome: Outcome, recipe: str) -> None:
         from optuna.trial import TrialState

@@ -69,6 +69,7 @@ class RayExecutor:
         workers: int | None = None,
         address: str | None = None,
         threads: int | None = None,
+        placement: str = "device",
     ):
         try:
             import ray
@@ -89,6 +90,7 @@ class RayExecutor:
             "device": device,
             "seed": seed,
             "allow_pickle": allow_pickle,
+            "placement": placement,
             "threads": threads or (None if gpus else 1),
         }
         self.actors = [actor.remote(first, fitness, dict(options)) for _ in range(count)]

@@ -95,6 +95,39 @@ class GeneSpace:
         run_merge(self.to_recipe(genome), out, overwrite=True, **options)
 
 
+def choose_placement(first: Recipe, recipe: SearchRecipe) -> str:
+    """The sources' placement for a parameter-space search, from the memory plan (headers only)
+    and the free memory of the device: `auto` takes the device when everything fits there, else
+    the host. A placement that cannot fit is refused here, before anything loads."""
+    from evomerge.merge.compute import resolve_device
+    from evomerge.merge.materialize import output_config
+    from evomerge.merge.memory import free_bytes, plan_memory, size
+    from evomerge.merge.plan import build_plan
+
+    device = resolve_device(recipe.device)
+    plan = build_plan(first, allow_pickle=recipe.allow_pickle)
+    try:
+        memory = plan_memory(plan, output_config(plan))
+    finally:
+        for ckpt in plan.checkpoints.values():
+            ckpt.close()
+    free = free_bytes(device)
+    if device.type == "cpu":  # one memory: placement changes nothing
+        needed, placement = memory.device_bytes("device"), "device"
+    elif recipe.sources == "auto":
+        placement = "device" if memory.device_bytes("device") <= free else "host"
+        needed = memory.device_bytes(placement)
+    else:
+        placement, needed = recipe.sources, memory.device_bytes(recipe.sources)
+    if needed > free:
+        hint = "" if placement == "host" or device.type == "cpu" else "; try sources: host"
+        raise SearchError(
+            f"sources: {placement}: the memory plan needs {size(needed)} on {device}, which has "
+            f"{size(free)} free (evomerge search --dry-run prints the plan){hint}"
+        )
+    return placement
+
+
 class ParameterSpace(GeneSpace):
     def __init__(self, template: Recipe, spec: SpaceSpec, num_layers: int | None):
         if not template.models:
@@ -161,6 +194,7 @@ class ParameterSpace(GeneSpace):
             "device": recipe.device,
             "seed": recipe.seed,
             "allow_pickle": recipe.allow_pickle,
+            "placement": choose_placement(first, recipe),
         }
         if recipe.executor == "ray":
             from evomerge.search.ray_executor import RayExecutor

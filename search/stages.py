@@ -69,6 +69,7 @@ class StagedSearch:
         progress: bool = True,
         executor: Executor | None = None,
         write_model: bool = True,
+        allow_changed_sources: bool = False,
     ) -> SearchSummary:
         """Both stages; the PS stage always writes its model (the DFS stage reads its layers)."""
         if executor is not None:
@@ -78,13 +79,15 @@ class StagedSearch:
         ps = Search.prepare(
             ps_recipe, self.out / "ps", storage=self.storage, title=f"{self.title} PS"
         )
-        ps_summary = ps.run(resume=resume, echo=echo, progress=progress)
+        ps_summary = ps.run(resume=resume, echo=echo, progress=progress,
+                            allow_changed_sources=allow_changed_sources)  # fmt: skip
         partner = dfs_recipe.merge.models[1].model  # type: ignore[index]
         echo(f"stage 2 of 2: data flow over the PS merge and {partner}")
         dfs = Search.prepare(
             dfs_recipe, self.out / "dfs", storage=self.storage, title=f"{self.title} PS+DFS"
         )
-        summary = dfs.run(resume=resume, echo=echo, progress=progress, write_model=write_model)
+        summary = dfs.run(resume=resume, echo=echo, progress=progress, write_model=write_model,
+                          allow_changed_sources=allow_changed_sources)  # fmt: skip
         write_text(self.out / "report.md", _stages_report(self.title, ps_summary, summary))
         write_text(self.out / "summary.json", json.dumps(self._summary(), indent=2) + "\n")
         echo(f"wrote {self.out / 'report.md'}")

@@ -4,6 +4,7 @@ traceback, and nothing written. (Header and shard-index cases: test_weights.py.)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -223,29 +224,115 @@ def test_merge_refuses_an_output_path_it_cannot_create(where, fam, tmp_path, mon
     assert recipe.is_file()
 
 
-def test_ctrl_c_mid_merge_says_nothing_was_written(fam, tmp_path):
-    recipe = merge_recipe(fam, tmp_path / "r.yaml", "ties", density=0.5)
-    out = tmp_path / "out"
-    slow_merge = (
-        "import sys, time\n"
+def slow_merge_process(recipe: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """`evomerge merge` whose first tensor creates `marker` and whose later tensors wait for a
+    file `release` beside it: a signal sent once the marker exists lands mid-merge, whatever the
+    machine's speed."""
+    marker, release = out.parent / "merging", out.parent / "release"
+    hooked = (
+        "import os, sys, time\n"
         "import evomerge.merge.materialize as m\n"
         "compute = m.compute_task\n"
-        "m.compute_task = lambda *a, **k: (time.sleep(0.3), compute(*a, **k))[1]\n"
-        f"sys.argv = ['evomerge', 'merge', {str(recipe)!r}, {str(out)!r}, '--device', 'cpu']\n"
+        "def stalled(*a, **k):\n"
+        f"    open({str(marker)!r}, 'a').close()\n"
+        "    deadline = time.monotonic() + 60\n"
+        f"    while not os.path.exists({str(release)!r}) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.02)\n"
+        "    return compute(*a, **k)\n"
+        "m.compute_task = stalled\n"
+        f"sys.argv = ['evomerge', 'merge', {str(recipe)!r}, {str(out)!r}, '--device', 'cpu',"
+        f" *{list(extra)!r}]\n"
         "from evomerge.cli import main\nmain()\n"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", slow_merge], stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([sys.executable, "-c", hooked], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(tmp_path.glob(".out.partial-*")):
-        time.sleep(0.1)
-    time.sleep(1.0)  # a few tensors in
-    process.send_signal(signal.SIGINT)
+    while time.monotonic() < deadline and not marker.exists() and process.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), process.communicate()[1]
+    return process, marker
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_merge_says_nothing_was_written(signum, fam, tmp_path):
+    recipe = merge_recipe(fam, tmp_path / "r.yaml", "ties", density=0.5)
+    out = tmp_path / "out"
+    process, _marker = slow_merge_process(recipe, out)
+    assert list(tmp_path.glob(".out.partial-*"))
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert err.strip().splitlines()[-1] == f"interrupted; nothing was written to {out}"
     assert "Traceback" not in err and not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_second_merge_into_the_same_folder_refuses_and_the_first_finishes(
+    fam, tmp_path, monkeypatch, capsys
+):
+    recipe = merge_recipe(fam, tmp_path / "r.yaml", "ties", density=0.5)
+    out = tmp_path / "out"
+    first, marker = slow_merge_process(recipe, out)
+    try:
+        for extra in ([], ["--overwrite"]):
+            code, err = run_cli(["merge", str(recipe), str(out), *extra], monkeypatch, capsys)
+            line = one_error_line(err)
+            assert code == 2 and f"another evomerge process (pid {first.pid})" in line, line
+    finally:
+        (marker.parent / "release").touch()
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert (out / "model.safetensors").is_file() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize(
+    ("code", "remedy"),
+    [
+        (errno.ENOSPC, "free space on that disk, or write elsewhere"),
+        (errno.EMFILE, "raise the open-file limit (ulimit -n)"),
+        (errno.EROFS, "a read-only file system: write elsewhere"),
+        (errno.EPERM, "an immutable file or folder (lsattr)? write elsewhere"),
+    ],
+    ids=["ENOSPC", "EMFILE", "EROFS", "EPERM"],
+)
+def test_the_system_refusing_a_write_is_one_line_and_the_previous_output_stays(
+    code, remedy, fam, tmp_path, monkeypatch, capsys
+):
+    import evomerge.merge.materialize as materialize
+
+    recipe = merge_recipe(fam, tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous").write_text("kept")
+
+    def refused(plan, staging, *args):
+        raise OSError(code, os.strerror(code), str(staging / "config.json"))
+
+    monkeypatch.setattr(materialize, "write_side_files", refused)
+    done, err = run_cli(["merge", str(recipe), str(out), "--overwrite"], monkeypatch, capsys)
+    line = one_error_line(err)  # the file named as the output's, not the staged copy's
+    assert done == 2 and line == f"error: {out}/config.json: {os.strerror(code)}; {remedy}"
+    assert (out / "previous").read_text() == "kept" and list(out.iterdir()) == [out / "previous"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_file_size_limit_is_one_line_with_nothing_left(fam, tmp_path):
+    """A real limit (RLIMIT_FSIZE), not a simulated one: Python ignores SIGXFSZ, so the write
+    fails with EFBIG, as it would on a file system's own cap."""
+    import resource
+
+    recipe = merge_recipe(fam, tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    limit = (fam / "base" / "model.safetensors").stat().st_size // 2
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "evomerge", "merge", str(recipe), str(out), "--device", "cpu"],
+        preexec_fn=small_files, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and "File too large; a file-size limit" in line, line
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 # --- search and its dry run give the same errors ------------------------------------------------

@@ -91,6 +91,36 @@ def test_resuming_equals_an_uninterrupted_run(optimizer, demo_family, tmp_path):
     assert [content(t) for t in parts] == [content(t) for t in whole]
 
 
+@pytest.mark.parametrize("optimizer", [o for o in OPTIMIZERS if o.get("backend") == "optuna"],
+                         ids=lambda o: o["name"])  # fmt: skip
+def test_a_kill_while_a_trial_is_drawn_resumes_to_the_uninterrupted_run(
+    optimizer, demo_family, tmp_path, monkeypatch
+):
+    """Optuna stores a trial's parameters one by one: a search killed between two of them leaves
+    a running trial with some parameters. `--resume` draws the rest as the killed process would
+    have, evaluates it, and finishes with the trials of an uninterrupted run."""
+    import optuna
+
+    recipe = contract_recipe(tmp_path / "r.yaml", demo_family, optimizer)
+    search_to(recipe, tmp_path / "whole", 12, resume=False)
+    suggest = optuna.trial.Trial.suggest_float
+
+    def killed_on_the_third_gene_of_trial_5(trial, name, *args, **kwargs):
+        if trial.number == 5 and sum(1 for _ in trial.params) == 2:
+            raise KeyboardInterrupt  # as SIGKILL would: the trial stays RUNNING, half-drawn
+        return suggest(trial, name, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.trial.Trial, "suggest_float", killed_on_the_third_gene_of_trial_5)
+    with pytest.raises(KeyboardInterrupt):
+        search_to(recipe, tmp_path / "parts", 12, resume=False)
+    monkeypatch.setattr(optuna.trial.Trial, "suggest_float", suggest)
+    half = [t for t in trials_of(tmp_path / "parts") if t.number == 5]
+    assert len(half[0].params) == 2
+    search_to(recipe, tmp_path / "parts", 12, resume=True)
+    whole, parts = trials_of(tmp_path / "whole"), trials_of(tmp_path / "parts")
+    assert [content(t) for t in parts] == [content(t) for t in whole]
+
+
 def test_the_recorded_recipe_is_the_evaluated_one(demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", demo_family)
     search_to(recipe, tmp_path / "a", 4, resume=False)

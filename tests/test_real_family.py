@@ -204,14 +204,15 @@ def test_eval_with_the_default_batch_size_gives_lm_evals_scores(
     chat, smol_family, tmp_path, monkeypatch, capsys
 ):
     """The defaults a user meets on an instruct model (batch size auto, the checkpoint's dtype,
-    the chat template only when asked for) against `lm-eval run` with the same flags."""
+    the chat template only when asked for) against `lm-eval run` with the same flags, on the
+    first 20 questions (bf16 on a CPU without bf16 units: all 100, twice, took over 10 min)."""
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "ours.json"
     args = ["eval", str(smol_family.base), "--tasks", "capitals", "--include-path", str(CAPITALS)]
-    args += ["--device", "cpu", "--output", str(out), "--log-samples"]
+    args += ["--device", "cpu", "--output", str(out), "--log-samples", "--limit", "20"]
     code, _, _ = run_cli([*args, *(["--apply-chat-template"] if chat else [])], monkeypatch, capsys)
     assert code in (0, None)
     ours = json.loads(out.read_text())["tasks"]
@@ -219,7 +220,8 @@ def test_eval_with_the_default_batch_size_gives_lm_evals_scores(
     assert settings["dtype"] == "bfloat16" and settings["apply_chat_template"] is chat
     # The probe saw the longest question-and-answer pair, not the model's maximum length.
     tokenizer = AutoTokenizer.from_pretrained(smol_family.base)
-    rows = [json.loads(line) for line in (CAPITALS / "capitals.jsonl").read_text().splitlines()]
+    lines = (CAPITALS / "capitals.jsonl").read_text().splitlines()[:20]
+    rows = [json.loads(line) for line in lines]
     longest = max(
         len(tokenizer(f"Question: What is the capital of {row['country']}?\nAnswer: {choice}",
                       add_special_tokens=False).input_ids)
@@ -231,7 +233,7 @@ def test_eval_with_the_default_batch_size_gives_lm_evals_scores(
     assert probed < 100
 
     # bf16 log-likelihoods depend on how requests are batched: lm-eval runs at the same size.
-    theirs = ["--batch_size", str(settings["batch_size"])]
+    theirs = ["--batch_size", str(settings["batch_size"]), "--limit", "20"]
     theirs += ["--apply_chat_template"] if chat else []
     reference = lm_eval_run(smol_family.base, "capitals", CAPITALS, tmp_path / "lm_eval", *theirs)
     (score,) = ours["scores"]
@@ -255,14 +257,17 @@ def test_the_real_family_search_recipe_runs_end_to_end(smol_family, tmp_path, mo
     text = (REPO / "recipes" / "smol-ps.yaml").read_text()
     data = yaml.safe_load(text.replace("./runs/smol-family", str(smol_family.base.parent)))
     data["fitness"]["include_path"] = [str(CAPITALS)]
-    data.update(budget={"evaluations": 4}, device="cpu")
+    # 10 questions a split (bf16 on this CPU is slow); the hand baselines once, here.
+    data["fitness"]["tasks"][0].update(rows="0:10", heldout={"task": "capitals", "rows": "50:60"})
+    data.update(budget={"evaluations": 4}, device="cpu", baselines=["task_arithmetic"])
     data["optimizer"]["population"] = 4
     recipe = tmp_path / "smol-ps.yaml"
     recipe.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     summary = run(recipe, out, write_model=False)
     assert len(summary.trials) == 4 and not any(t.outcome.failed for t in summary.trials)
-    assert {r.kind for r in summary.references} == {"source", "uniform", "best"}
+    assert [r.kind for r in summary.references].count("hand") == 1
+    assert {r.kind for r in summary.references} == {"source", "uniform", "hand", "best"}
     assert all(0 < r.heldout_total <= 1 for r in summary.references)
     report = (out / "report.md").read_text()
     assert "| materialize |" in report and "| evaluate |" in report

@@ -37,10 +37,11 @@ def readme_demo_tables() -> tuple[dict[str, tuple[float, float]], dict[int, tupl
     sources = {
         name: (float(v), float(s)) for name, v, s in re.findall(row, demo_table, re.M)
     }
+    seed_table = text.split("| `seed:` | uniform merge | evolved merge |")[1].split("\n\n")[0]
     seeds = {
         int(seed): (uniform, evolved)
         for seed, uniform, evolved in re.findall(
-            r"^\| (\d+) \| (\d\.\d{3} ± \d\.\d{3}) \| (\d\.\d{3} ± \d\.\d{3}) \|", text, re.M
+            r"^\| (\d+) \| (\d\.\d{3} ± \d\.\d{3}) \| (\d\.\d{3} ± \d\.\d{3}) \|", seed_table, re.M
         )
     }
     return sources, seeds

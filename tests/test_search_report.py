@@ -43,11 +43,11 @@ def ref(name: str, kind: str, fit: float, a: tuple, b: tuple, **totals) -> Model
 
 def references(best_a: float, best_stderr: float | None = 0.01) -> list[ModelScores]:
     return [
-        ref("expert_a", "source", 0.6, (0.80, 0.02), (0.30, 0.02)),
-        ref("expert_b", "source", 0.5, (0.40, 0.02), (0.90, 0.02)),
+        ref("expert_a", "source", 0.6, (0.80, 0.02), (0.30, 0.02), cost=0),
+        ref("expert_b", "source", 0.5, (0.40, 0.02), (0.90, 0.02), cost=0),
         ref("uniform", "uniform", 0.55, (0.60, 0.02), (0.60, 0.02), fitness_total=0.55),
         ref("best", "best", 0.7, (best_a, best_stderr), (0.95, 0.01), fitness_total=0.7,
-            heldout_total=0.9, heldout_total_stderr=0.01),
+            heldout_total=0.9, heldout_total_stderr=0.01, cost=7),
     ]
 
 
@@ -84,10 +84,11 @@ def test_writes_all_files_and_tables(tmp_path: Path) -> None:
     assert text.startswith("# Demo search")
     assert "| optimizer | cmaes |" in text
     assert (
-        "| best | best | 0.7000 ± 0.0200 | 0.7000 | 0.7000 | 0.9000 ± 0.0100 | 0.9500 ± 0.0100"
+        "| best | best | 7 | 0.7000 ± 0.0200 | 0.7000 | 0.7000 | 0.9000 ± 0.0100 | 0.9500 ± 0.0100"
         " | 0.9000 ± 0.0100 |" in text
     )
-    assert "| uniform | uniform | 0.5500 ± 0.0200 | 0.5500 | 0.5500 | 0.6000 ± 0.0200" in text
+    assert "| expert_a | source | 0 | 0.6000 ± 0.0200" in text
+    assert "| uniform | uniform | - | 0.5500 ± 0.0200 | 0.5500 | 0.5500 | 0.6000 ± 0.0200" in text
     assert "6 completed, 1 failed." in text
     assert "- trial 2 (generation 0): CUDA out of memory at layer 3" in text
     assert "Trial 5 (generation 2), fitness 0.7000 ± 0.0100." in text
@@ -111,7 +112,7 @@ def test_beats_every_reference(tmp_path: Path) -> None:
     # 0.825 - 0.80 = 0.025 > 0.0224: the stderrs combine in quadrature, not by plain sum (0.03)
     assert heldout_verdict(references(0.825)) == (True, [])
     text = write_report(summary(), tmp_path).read_text()
-    assert "The best merge **beats** every source and the uniform merge" in text
+    assert "The best merge **beats** every other model above on each held-out entry" in text
     assert "does not beat" not in text
 
 
@@ -129,7 +130,7 @@ def test_does_not_beat(
     verdict, shortfalls = heldout_verdict(references(best_a, best_stderr))
     assert verdict is False and len(shortfalls) == count and shortfalls[0].startswith(why)
     text = write_report(summary(references=references(best_a, best_stderr)), tmp_path).read_text()
-    assert "The best merge **does not beat** every source and the uniform merge" in text
+    assert "The best merge **does not beat** every other model above on each held-out entry" in text
     assert f"- {why}" in text
     assert "**beats**" not in text
 

@@ -1,0 +1,139 @@
+"""What an in-memory merge holds, planned from the sources' headers before a tensor is read: the
+sources as the resident merger keeps them (merge/resident.py), the model candidates are written
+into, the merge math's workspace and one scoring batch's activations; on the device or on the
+host, by placement. `--dry-run` prints it; a search refuses a placement that cannot fit."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.merge.plan import MergePlan, TensorTask
+
+# The merge math's temporaries for one tensor, a + b * k tensors of its size in the compute
+# dtype for k inputs (base included), by method and compute itemsize (4: float32, 2: 16-bit,
+# which upcasts some steps). Measured as the peak of allocations during
+# ResidentMerger.materialize on the demo and tiny families (k = 2, 3, 4):
+# tests/test_memory_plan.py checks them within 10 %. Other methods: WORKSPACE_OTHER, unmeasured.
+WORKSPACE: dict[str, dict[int, tuple[float, float]]] = {
+    "linear": {4: (2, 0), 2: (4, 0)},
+    "slerp": {4: (4, 0), 2: (7, 0)},
+    "task_arithmetic": {4: (0, 1), 2: (0, 1)},
+    "dare_linear": {4: (3, 1), 2: (3, 1)},
+    "breadcrumbs": {4: (4, 1), 2: (8, 1)},
+    "della_linear": {4: (5, 1), 2: (11, 1)},
+    "ties": {4: (-1, 3.25), 2: (5, 2)},
+    "dare_ties": {4: (-1, 3.25), 2: (-1, 3.5)},
+    "breadcrumbs_ties": {4: (-1, 3.25), 2: (5, 2)},
+    "della": {4: (-1, 3.25), 2: (11, 1)},
+}
+WORKSPACE_OTHER = (2, 2)
+# Evaluation: one batch of `batch` sequences of `length` tokens, no gradients. Per token, the
+# widest layer's activations (MLP: 3 x intermediate) plus the float32 logits and their
+# log-softmax (lm-eval scores log-likelihoods from them).
+EVAL_BATCH, EVAL_LENGTH = 8, 512
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    sources: int  # the resident sources (base and deltas for task-vector methods)
+    model: int  # the model each candidate is materialized into
+    workspace: int  # the merge math's temporaries for the largest tensor
+    evaluation: int  # one scoring batch (estimate: EVAL_BATCH x EVAL_LENGTH unless told)
+    largest_inputs: int  # one task's inputs: what host placement has on the device at a time
+
+    def device_bytes(self, placement: str) -> int:
+        streamed = self.sources if placement == "device" else 2 * self.largest_inputs
+        return self.model + self.workspace + self.evaluation + streamed
+
+    def host_bytes(self, placement: str) -> int:
+        return 0 if placement == "device" else self.sources
+
+    def lines(self) -> list[str]:
+        rows = [
+            f"memory plan (from the headers; evaluation: batch {EVAL_BATCH} x {EVAL_LENGTH} "
+            "tokens, an estimate):",
+            f"  sources {size(self.sources)}, model {size(self.model)}, merge workspace "
+            f"{size(self.workspace)}, evaluation {size(self.evaluation)}",
+        ]
+        for placement in ("device", "host"):
+            rows.append(
+                f"  sources: {placement:<6}  device {size(self.device_bytes(placement))}, "
+                f"host {size(self.host_bytes(placement))}"
+            )
+        return rows
+
+
+def size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _numel(task: TensorTask) -> int:
+    return math.prod(task.shape)
+
+
+def uses_deltas(plan: MergePlan, task: TensorTask, floating: bool) -> bool:
+    """The resident merger keeps base and deltas for this task (as ResidentMerger decides)."""
+    return (
+        "sparsification" in plan.method.extras
+        and task.base_index is not None
+        and len(task.inputs) > 1
+        and floating
+    )
+
+
+def plan_memory(
+    plan: MergePlan,
+    config: dict,
+    *,
+    batch: int = EVAL_BATCH,
+    length: int = EVAL_LENGTH,
+    model_dtype: torch.dtype | None = None,
+) -> MemoryPlan:
+    """The plan of `plan` (headers only) and the merged model's `config` (output_config)."""
+    sources = model = workspace = largest = 0
+    seen: set[tuple[str, str]] = set()
+    for task in plan.tasks:
+        numel = _numel(task)
+        header = plan.checkpoints[task.inputs[0][0]].tensors[task.inputs[0][1]]
+        floating = header.dtype.is_floating_point
+        size = task.compute_dtype.itemsize if floating else header.dtype.itemsize
+        model += numel * (model_dtype or task.out_dtype).itemsize
+        if uses_deltas(plan, task, floating):
+            kept = [task.inputs[task.base_index]]  # type: ignore[index]
+            deltas = (len(task.inputs) - 1) * numel * size
+        else:
+            kept, deltas = list(task.inputs), 0
+        fresh = [key for key in kept if key not in seen]
+        seen.update(fresh)
+        sources += len(fresh) * numel * size + deltas
+        largest = max(largest, len(task.inputs) * numel * size)
+        if floating:
+            a, b = WORKSPACE.get(plan.method.name, {}).get(size, WORKSPACE_OTHER)
+            workspace = max(workspace, int((a + b * len(task.inputs)) * numel * size))
+    text = config.get("text_config", config)
+    hidden = int(text.get("hidden_size", 0))
+    wide = max(int(text.get("intermediate_size", 0)) * 3, hidden * 4)
+    vocab = int(text.get("vocab_size", 0))
+    itemsize = (model_dtype or plan.tasks[0].out_dtype).itemsize if plan.tasks else 4
+    evaluation = batch * length * (wide * itemsize + 2 * vocab * 4)
+    return MemoryPlan(sources, model, workspace, evaluation, largest)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for this process on `device` now: CUDA's free memory, else the host's
+    available memory (MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
