@@ -10,24 +10,26 @@ from dataclasses import dataclass
 
 import torch
 
+from evomerge.merge.methods import chunks
+from evomerge.merge.methods.task_arithmetic import span_bytes
 from evomerge.merge.plan import MergePlan, TensorTask
 
-# The merge math's temporaries for one tensor, a + b * k tensors of its size in the compute
-# dtype for k inputs (base included), by method and compute itemsize (4: float32, 2: 16-bit,
-# which upcasts some steps). Measured as the peak of allocations during
-# ResidentMerger.materialize on the demo and tiny families (k = 2, 3, 4):
+# The merge math's full-size temporaries for one tensor, a + b * k tensors of its size in the
+# compute dtype for k inputs (base included), by method and compute itemsize (4: float32,
+# 2: 16-bit, which upcasts some steps). Sparsifying methods: the sparsified task vectors and one
+# model's sparsification at a time. Linear and the task-vector sum work a span at a time
+# (methods/chunks.py): their buffers are counted exactly, not measured. Measured as the peak of
+# allocations during ResidentMerger.materialize on the demo and tiny families (k = 2, 3, 4):
 # tests/test_memory_plan.py checks them within 10 %. Other methods: WORKSPACE_OTHER, unmeasured.
 WORKSPACE: dict[str, dict[int, tuple[float, float]]] = {
-    "linear": {4: (2, 0), 2: (4, 0)},
-    "slerp": {4: (4, 0), 2: (7, 0)},
-    "task_arithmetic": {4: (0, 1), 2: (0, 1)},
+    "slerp": {4: (3, 0), 2: (6, 0)},
     "dare_linear": {4: (3, 1), 2: (3, 1)},
     "breadcrumbs": {4: (4, 1), 2: (8, 1)},
-    "della_linear": {4: (5, 1), 2: (11, 1)},
+    "della_linear": {4: (7, 1), 2: (9, 1)},
     "ties": {4: (-1, 3.25), 2: (5, 2)},
     "dare_ties": {4: (-1, 3.25), 2: (-1, 3.5)},
     "breadcrumbs_ties": {4: (-1, 3.25), 2: (5, 2)},
-    "della": {4: (-1, 3.25), 2: (11, 1)},
+    "della": {4: (1, 3), 2: (3, 3)},
 }
 WORKSPACE_OTHER = (2, 2)
 # Evaluation: one batch of `batch` sequences of `length` tokens, no gradients. Per token, the
@@ -84,6 +86,22 @@ def uses_deltas(plan: MergePlan, task: TensorTask, floating: bool) -> bool:
     )
 
 
+def _workspace(plan: MergePlan, task: TensorTask, numel: int, size: int, deltas: bool) -> int:
+    k, name, extras = len(task.inputs), plan.method.name, plan.method.extras
+    if name == "linear":
+        return chunks.span_size(numel) * (8 if size == 8 else 4)  # its float32 accumulator
+    if deltas:
+        span = chunks.span_size(numel, chunks.LONG)
+        combine = span * span_bytes(k - 1, size, extras["consensus"])
+        if extras["sparsification"] is None:
+            return combine
+        a, b = WORKSPACE.get(name, {}).get(size, WORKSPACE_OTHER)
+        sparse = (k - 1) * numel * size
+        return max(int((a + b * k) * numel * size), sparse + combine)
+    a, b = WORKSPACE.get(name, {}).get(size, WORKSPACE_OTHER)
+    return int((a + b * k) * numel * size)
+
+
 def plan_memory(
     plan: MergePlan,
     config: dict,
@@ -111,8 +129,7 @@ def plan_memory(
         sources += len(fresh) * numel * size + deltas
         largest = max(largest, len(task.inputs) * numel * size)
         if floating:
-            a, b = WORKSPACE.get(plan.method.name, {}).get(size, WORKSPACE_OTHER)
-            workspace = max(workspace, int((a + b * len(task.inputs)) * numel * size))
+            workspace = max(workspace, _workspace(plan, task, numel, size, deltas > 0))
     text = config.get("text_config", config)
     hidden = int(text.get("hidden_size", 0))
     wide = max(int(text.get("intermediate_size", 0)) * 3, hidden * 4)

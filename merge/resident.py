@@ -152,8 +152,11 @@ class ResidentMerger:
         for task, inputs, deltas in self._on_device():
             target = targets[task.out_name]
             if deltas is None:
-                result = compute_task(self.plan, task, inputs, self.seed, self.device)
-                target.copy_(result)
+                if self._writes_into(task, inputs, target):
+                    group = TensorGroup(inputs, task.base_index, task.out_name)
+                    self.plan.method.merge_into(group, task.shared, task.per_input, None, target)
+                else:
+                    target.copy_(compute_task(self.plan, task, inputs, self.seed, self.device))
                 continue
             params = [p for i, p in enumerate(task.per_input) if i != task.base_index]
             generators = (
@@ -174,6 +177,18 @@ class ResidentMerger:
             )
             if not direct:
                 target.copy_(result)
+
+    def _writes_into(self, task: TensorTask, inputs: list[torch.Tensor], target: torch.Tensor):
+        """The method can write this task straight into the model's parameter."""
+        method = self.plan.method
+        return (
+            method.merge_into is not None
+            and not method.stochastic
+            and inputs[0].is_floating_point()
+            and target.dtype == task.compute_dtype == task.out_dtype
+            and target.device == inputs[0].device
+            and target.is_contiguous()
+        )
 
     def _on_device(self) -> Iterator[tuple[TensorTask, list[torch.Tensor], torch.Tensor | None]]:
         """Each task with its inputs and deltas on the device. Host placement copies the next

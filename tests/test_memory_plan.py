@@ -105,7 +105,7 @@ def test_a_placement_that_cannot_fit_is_refused_before_loading(search_recipe, mo
     from evomerge.search.loop import make_space
 
     space = make_space(recipe)
-    refused = r"^sources: device: the memory plan needs 23\.9 MiB on cpu, which has 1\.0 MiB free"
+    refused = r"^sources: device: the memory plan needs 24\.0 MiB on cpu, which has 1\.0 MiB free"
     with pytest.raises(SearchError, match=refused):
         space.make_executor(recipe, {})
 
@@ -113,15 +113,15 @@ def test_a_placement_that_cannot_fit_is_refused_before_loading(search_recipe, mo
 @pytest.mark.parametrize(
     ("sources", "free_mib", "expected"),
     [("auto", 30, "device"), ("auto", 20, "host"), ("host", 30, "host"), ("device", 30, "device"),
-     ("auto", 10, "sources: host: the memory plan needs 17.1 MiB on cuda, which has 10.0 MiB"),
-     ("device", 20, "needs 23.9 MiB on cuda, which has 20.0 MiB free (evomerge search --dry-run "
+     ("auto", 10, "sources: host: the memory plan needs 17.2 MiB on cuda, which has 10.0 MiB"),
+     ("device", 20, "needs 24.0 MiB on cuda, which has 20.0 MiB free (evomerge search --dry-run "
       "prints the plan); try sources: host")],
 )  # fmt: skip
 def test_auto_takes_the_device_when_it_fits_and_else_the_host(
     search_recipe, monkeypatch, sources, free_mib, expected
 ):
-    """On a (pretended) GPU with `free_mib` free: the demo plan needs 23.9 MiB on the device
-    with the sources there, 17.1 MiB when they stay on the host."""
+    """On a (pretended) GPU with `free_mib` free: the demo plan needs 24.0 MiB on the device
+    with the sources there, 17.2 MiB when they stay on the host."""
     import evomerge.merge.compute as compute
     import evomerge.merge.memory as memory
 

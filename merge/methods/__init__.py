@@ -76,6 +76,12 @@ Generators = Callable[[int], torch.Generator]
 MergeFn = Callable[
     [TensorGroup, dict[str, Any], list[dict[str, Any]], Generators | None], torch.Tensor
 ]
+MergeIntoFn = Callable[
+    [TensorGroup, dict[str, Any], list[dict[str, Any]], Generators | None, torch.Tensor],
+    torch.Tensor,
+]
+"""`merge` writing into a given contiguous tensor of the inputs' dtype (the in-memory merger's
+model parameter), sparing a full-size result and its copy."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class MergeMethod:
     name: str
     params: tuple[ParamSpec, ...]
     merge: MergeFn
+    merge_into: MergeIntoFn | None = None
     base: BasePolicy = BasePolicy.IGNORED
     min_inputs: int = 1
     max_inputs: int | None = None
@@ -152,6 +159,7 @@ def method_names() -> list[str]:
 
 # Registration happens on import of the modules below.
 from evomerge.merge.methods import (  # noqa: E402, F401
+    chunks,
     consensus,
     linear,
     model_stock,

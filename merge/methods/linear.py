@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.methods import MergeMethod, ParamSpec, Scope, register
+from evomerge.merge.methods import MergeMethod, ParamSpec, Scope, chunks, register
 
 
 def _linear(group, shared, per_input, generators):
     first = group.tensors[0]
+    out = torch.empty_like(first, memory_format=torch.contiguous_format)
+    return _linear_into(group, shared, per_input, generators, out)
+
+
+def _linear_into(group, shared, per_input, generators, out: torch.Tensor) -> torch.Tensor:
+    """mergekit's sum of weight * tensor in float32 (float64 inputs: float64), divided by the
+    summed weights, written into `out` (contiguous, the inputs' dtype) a span at a time."""
+    first = group.tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     weights = torch.tensor([p["weight"] for p in per_input], dtype=dtype)
-    result = torch.zeros_like(first, dtype=dtype)
-    for tensor, weight in zip(group.tensors, weights, strict=True):
-        result.addcmul_(tensor, weight.to(first.device))
-    if shared["normalize"]:
-        result.div_(weights.sum().to(first.device))
-    return result.to(first.dtype)
+    total = weights.sum().to(first.device)
+    weights = [w.to(first.device) for w in weights]
+    flat = [t.reshape(-1) for t in group.tensors]
+    flat_out = out.view(-1)
+    buffer = torch.empty(chunks.span_size(first.numel()), dtype=dtype, device=first.device)
+    for start, stop in chunks.spans(first.numel()):
+        result = buffer[: stop - start].zero_()
+        for tensor, weight in zip(flat, weights, strict=True):
+            result.addcmul_(tensor[start:stop], weight)
+        if shared["normalize"]:
+            result.div_(total)
+        flat_out[start:stop].copy_(result)
+    return out
 
 
 register(
@@ -27,6 +42,7 @@ register(
             ParamSpec("normalize", bool, Scope.SHARED, True),
         ),
         merge=_linear,
+        merge_into=_linear_into,
         description="Linear: the weighted average of the models' parameters.",
         reference="https://arxiv.org/abs/2203.05482",
     )

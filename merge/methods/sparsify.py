@@ -105,7 +105,11 @@ def della_magprune(
     shape = tensor.shape
     work = _work_dtype(tensor)
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
-    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    # mergekit argsorts `order` again to rank each entry; a permutation's argsort is its inverse,
+    # which a scatter gives in linear time (the same ranks: a permutation has no ties).
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(work) + 1
     low = ranks.min(dim=1, keepdim=True).values
     high = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)

@@ -16,6 +16,7 @@ from evomerge.merge.methods import (
     ParamSpec,
     Scope,
     TensorGroup,
+    chunks,
     register,
 )
 from evomerge.merge.methods import sparsify as sp
@@ -72,34 +73,80 @@ def merge_deltas(
             )
         deltas = sparse
     weights = torch.tensor([p["weight"] for p in params], dtype=deltas.dtype, device=deltas.device)
-    weights = weights.reshape(-1, *([1] * (deltas.dim() - 1)))
-    weighted = deltas * weights
-    del deltas
+    if out is None or not out.is_contiguous():
+        result = torch.empty_like(base, memory_format=torch.contiguous_format)
+        _combine(base, deltas, weights, shared, consensus, result)
+        return result if out is None else out.copy_(result)
+    _combine(base, deltas, weights, shared, consensus, out)
+    return out
+
+
+def _combine(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    shared: dict[str, Any],
+    consensus: bool,
+    out: torch.Tensor,
+) -> None:
+    """out = base + lambda * sum_i(w_i * delta_i [agreeing with the elected sign]) / divisor,
+    mergekit's steps in its dtype, a span at a time (chunks.py)."""
+    n = deltas.shape[0]
+    flat_base, flat_out = base.reshape(-1), out.view(-1)
+    flat_deltas = deltas.reshape(n, -1)
+    column = weights.reshape(n, 1)
+    size = chunks.span_size(flat_base.numel(), chunks.LONG)
+    weighted_buf = deltas.new_empty((n, size))
+    mixed_buf = base.new_empty(size)
     if consensus:
         # TIES sign election by summed weighted mass ("sum" consensus); zeros never agree.
-        majority_positive = _sum_models(weighted) >= 0
-        mask = (weighted > 0).eq_(majority_positive).logical_and_(weighted != 0)
-        mixed = _sum_models(weighted * mask)
-        divisor = _sum_models(weights * mask)
-        divisor[divisor == 0] = 1
+        mask_buf = torch.empty((n, size), dtype=torch.bool, device=base.device)
+        nonzero_buf = torch.empty_like(mask_buf)
+        positive_buf = torch.empty(size, dtype=torch.bool, device=base.device)
+        kept_buf = torch.empty_like(weighted_buf)  # the mask as 0/1 in the dtype (see below)
+        divisor_buf = torch.empty_like(mixed_buf)
     else:
-        mixed = _sum_models(weighted)
-        divisor = weights.sum(dim=0)
+        divisor = weights.sum(dim=0, keepdim=True)
         divisor[divisor.abs() < 1e-8] = 1
-    if shared["normalize"]:
-        mixed /= divisor
-    if shared["lambda"] != 1:
-        mixed *= shared["lambda"]
-    if out is not None:
-        return torch.add(base, mixed, out=out)
-    return (base + mixed).to(base.dtype)
+    for start, stop in chunks.spans(flat_base.numel(), chunks.LONG):
+        m = stop - start
+        weighted, mixed = weighted_buf[:, :m], mixed_buf[:m]
+        torch.mul(flat_deltas[:, start:stop], column, out=weighted)
+        if consensus:
+            mask, nonzero, positive = mask_buf[:, :m], nonzero_buf[:, :m], positive_buf[:m]
+            torch.ge(_sum_models(weighted, mixed), 0, out=positive)
+            torch.gt(weighted, 0, out=mask).eq_(positive)
+            mask.logical_and_(torch.ne(weighted, 0, out=nonzero))
+            # x * mask promotes the mask to x's dtype; converting it once is the same product
+            # and spares two slow mixed-dtype kernels.
+            kept = kept_buf[:, :m].copy_(mask)
+            _sum_models(weighted.mul_(kept), mixed)
+            divisor = _sum_models(kept.mul_(column), divisor_buf[:m])
+            divisor.masked_fill_(divisor == 0, 1)
+        else:
+            _sum_models(weighted, mixed)
+        if shared["normalize"]:
+            mixed /= divisor
+        if shared["lambda"] != 1:
+            mixed *= shared["lambda"]
+        torch.add(flat_base[start:stop], mixed, out=flat_out[start:stop])
 
 
-def _sum_models(stacked: torch.Tensor) -> torch.Tensor:
-    """`stacked.sum(dim=0)`; for two models one add, which rounds the same and is faster on CPU."""
+def span_bytes(models: int, itemsize: int, consensus: bool) -> int:
+    """Bytes of `_combine`'s buffers per span entry for `models` task vectors."""
+    weighted_and_mixed = (models + 1) * itemsize
+    if not consensus:
+        return weighted_and_mixed
+    masks = 2 * models + 1  # bool: agreement, nonzero, positive majority
+    return weighted_and_mixed + masks + (models + 1) * itemsize  # kept, divisor
+
+
+def _sum_models(stacked: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`stacked.sum(dim=0)` into `out`; for two models one add, which rounds the same and is
+    faster on CPU."""
     if stacked.shape[0] == 2:
-        return stacked[0] + stacked[1]
-    return stacked.sum(dim=0)
+        return torch.add(stacked[0], stacked[1], out=out)
+    return torch.sum(stacked, dim=0, out=out)
 
 
 def stack_deltas(group: TensorGroup) -> torch.Tensor:
