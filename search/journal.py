@@ -31,16 +31,45 @@ from evomerge.search.records import Gene, Outcome, TrialRecord
 optuna.logging.set_verbosity(logging.WARNING)
 STALE_AFTER_SECONDS = 600.0  # a shared study's running trial is orphaned after this silence
 SQLITE_LOCK_SECONDS = 60.0  # how long a write waits for another process's lock on study.db
+SERVER_RETRY_SECONDS = 120.0  # how long a search waits for a database server that went away
+
+
+def _rdb_storage(storage: str) -> str | optuna.storages.BaseStorage:
+    """The storage to open: SQLite waits out another process's write lock, within bounds; a
+    database server (PostgreSQL, MySQL) that restarts or goes away is reconnected to, retried
+    for SERVER_RETRY_SECONDS, before the search stops with one line."""
+    if storage.startswith("sqlite"):
+        connect = {"timeout": SQLITE_LOCK_SECONDS}
+        return optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": connect})
+    if not storage.startswith(("postgresql", "mysql")):
+        return storage
+    from sqlalchemy import event
+
+    # pool_pre_ping: a pooled connection the server dropped is noticed at checkout and replaced
+    rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+    event.listen(rdb.engine, "do_connect", _connect_within_bounds)
+    return rdb
+
+
+def _connect_within_bounds(dialect, connection_record, cargs, cparams):
+    """SQLAlchemy's connect, retried with backoff while the server refuses, for a bounded time."""
+    deadline = time.monotonic() + SERVER_RETRY_SECONDS
+    delay = 0.25
+    while True:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except dialect.loaded_dbapi.OperationalError:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 def _open_study(storage: str, study_name: str, directions: list[str]) -> optuna.Study:
     """Create or load the study. Searchers starting together on a new database race to create
     Optuna's tables and the study; the loser of such a race retries and loads what the winner
     made."""
-    where: str | optuna.storages.BaseStorage = storage
-    if storage.startswith("sqlite"):  # wait out another process's write lock, within bounds
-        connect = {"timeout": SQLITE_LOCK_SECONDS}
-        where = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": connect})
+    where = _rdb_storage(storage)
     for attempt in range(5):
         try:
             return optuna.create_study(

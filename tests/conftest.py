@@ -3,6 +3,7 @@ pretrained family (SmolLM2-135M-Instruct and experts derived from it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -53,44 +54,82 @@ def offline_single_thread():
         torch.set_num_threads(threads)
 
 
+class PostgresServer:
+    """A PostgreSQL server on loopback from the Debian package's binaries (as the postgres user
+    when root), in its own temporary folder; `stop()` and `start()` it at will."""
+
+    def __init__(self) -> None:
+        import glob
+        import shutil
+        import socket
+        import tempfile
+
+        found = shutil.which("initdb") or next(
+            iter(glob.glob("/usr/lib/postgresql/*/bin/initdb")), ""
+        )
+        if not found:
+            message = "no PostgreSQL server binaries (initdb); apt-get install postgresql"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        bin_dir = Path(os.path.realpath(found)).parent
+        self.data = data = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))
+        data.chmod(0o755)
+        as_user: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(data, "postgres", "postgres")
+            as_user = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        initdb = [*as_user, bin_dir / "initdb", "-D", data / "db", "-A", "trust", "-U", "evomerge"]
+        self._quiet(initdb)
+        self.options = f"-p {port} -k {data} -h 127.0.0.1"
+        self.ctl = [*as_user, bin_dir / "pg_ctl", "-D", data / "db", "-l", data / "log", "-w"]
+        self.url = f"postgresql://evomerge@127.0.0.1:{port}/postgres"
+        self.start()
+
+    @staticmethod
+    def _quiet(command: list) -> None:
+        import subprocess
+
+        subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, check=True)
+
+    def start(self) -> None:
+        self._quiet([*self.ctl, "-o", self.options, "start"])
+
+    def stop(self) -> None:
+        self._quiet([*self.ctl, "-m", "immediate", "stop"])
+
+    def remove(self) -> None:
+        import shutil
+        import subprocess
+
+        with contextlib.suppress(subprocess.CalledProcessError):  # a test may have stopped it
+            self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A PostgreSQL server on loopback for the session: $EVOMERGE_TEST_POSTGRES when set, else
-    one started here from the Debian package's binaries (as the postgres user when root)."""
-    import glob
-    import shutil
-    import socket
-    import subprocess
-    import tempfile
-
+    """A PostgreSQL server for the session: $EVOMERGE_TEST_POSTGRES when set, else one started
+    here (PostgresServer)."""
     url = os.environ.get("EVOMERGE_TEST_POSTGRES")
     if url:
         yield url
         return
-    found = shutil.which("initdb") or next(iter(glob.glob("/usr/lib/postgresql/*/bin/initdb")), "")
-    if not found:
-        message = "no PostgreSQL server binaries (initdb); apt-get install postgresql"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    bin_dir = Path(os.path.realpath(found)).parent
-    data = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))
-    data.chmod(0o755)
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(data, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT, "check": True}
-    initdb = [*as_user, bin_dir / "initdb", "-D", data / "db", "-A", "trust", "-U", "evomerge"]
-    subprocess.run(initdb, **quiet)
-    options = f"-p {port} -k {data} -h 127.0.0.1"
-    ctl = [*as_user, bin_dir / "pg_ctl", "-D", data / "db", "-l", data / "log", "-w"]
-    subprocess.run([*ctl, "-o", options, "start"], **quiet)
+    server = PostgresServer()
     try:
-        yield f"postgresql://evomerge@127.0.0.1:{port}/postgres"
+        yield server.url
     finally:
-        subprocess.run([*ctl, "-m", "immediate", "stop"], **quiet)
-        shutil.rmtree(data, ignore_errors=True)
+        server.remove()
+
+
+@pytest.fixture
+def postgres_server():
+    """A server of the test's own, to stop and start."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.remove()

@@ -11,11 +11,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import optuna
 import pytest
-from helpers import HashExecutor, run, trials_of, write_recipe
+from helpers import HashExecutor, content, run, trials_of, write_recipe
 from safetensors.torch import load_file, save_file
 
 import evomerge.merge.staging as staging
@@ -349,3 +350,70 @@ def test_a_searcher_whose_process_is_gone_is_taken_over_at_once(demo_family, tmp
     me = journal()
     assert me.live_owners() == ["alive"]
     assert [t.user_attrs["owner"] for t in me.orphaned()] == ["killed"]
+
+
+class ServerStops(HashExecutor):
+    """Stops the database `server` as the `at`-th candidate is scored, and starts it again
+    `after` seconds later (None: not at all)."""
+
+    def __init__(self, server, at: int, after: float | None):
+        super().__init__(["demo_combined"])
+        self.server, self.at, self.after = server, at, after
+        self.stopped = False
+
+    def run(self, candidate, ticket):
+        if self.evaluated == self.at and not self.stopped:
+            self.server.stop()
+            self.stopped = True
+            if self.after is not None:
+                threading.Timer(self.after, self.server.start).start()
+        return super().run(candidate, ticket)
+
+
+def search_on(server_url: str, study: str, recipe: Path, out: Path, **kwargs):
+    search = Search.prepare(load_search_recipe(recipe), out, storage=server_url)
+    search.recipe = search.recipe.model_copy(update={"study_name": study})
+    return search.run(echo=lambda _: None, progress=False, write_model=False, **kwargs)
+
+
+def study_content(server_url: str, study: str) -> list[tuple]:
+    trials = optuna.load_study(study_name=study, storage=server_url).get_trials()
+    return [content(t) for t in sorted(trials, key=lambda t: t.number)]
+
+
+@pytest.mark.slow
+def test_a_database_server_restarting_mid_search_is_waited_out(
+    demo_family, tmp_path, postgres_server
+):
+    """PostgreSQL stopped while a candidate is scored and back nine seconds later (longer than
+    Optuna's own retries of a new trial, at most 8 s): the search reconnects and finishes with
+    the trials of a run that saw no restart."""
+    recipe = write_recipe(tmp_path / "r.yaml", demo_family, budget={"evaluations": 8})
+    url = postgres_server.url
+    search_on(url, "calm", recipe, tmp_path / "calm", executor=HashExecutor(["demo_combined"]))
+    executor = ServerStops(postgres_server, at=3, after=9.0)
+    search_on(url, "restarted", recipe, tmp_path / "restarted", executor=executor)
+    assert executor.stopped
+    assert study_content(url, "restarted") == study_content(url, "calm")
+
+
+@pytest.mark.slow
+def test_a_database_server_gone_past_the_wait_is_one_line_and_resume_finishes(
+    demo_family, tmp_path, postgres_server, monkeypatch
+):
+    import evomerge.search.journal as journal
+
+    monkeypatch.setattr(journal, "SERVER_RETRY_SECONDS", 1.0)
+    recipe = write_recipe(tmp_path / "r.yaml", demo_family, budget={"evaluations": 8})
+    url, out = postgres_server.url, tmp_path / "gone"
+    search_on(url, "calm", recipe, tmp_path / "calm", executor=HashExecutor(["demo_combined"]))
+    with pytest.raises(SearchError) as stopped:
+        search_on(url, "gone", recipe, out, executor=ServerStops(postgres_server, 3, None))
+    message = str(stopped.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert message.startswith(f"{url}: the study's database failed: ") and "--resume" in message
+    postgres_server.start()
+    # The stopped searcher exited with 2 (here: it ran in this process, which lives on).
+    monkeypatch.setattr(journal, "_pid_alive", lambda pid: pid != os.getpid())
+    search_on(url, "gone", recipe, out, executor=HashExecutor(["demo_combined"]), resume=True)
+    assert study_content(url, "gone") == study_content(url, "calm")
