@@ -160,9 +160,15 @@ def reproduce(
     """Rebuild a published merge from its recipe; with --verify, check it tensor by tensor."""
     from evomerge.reproduce import reproduce as run_reproduce
 
-    report = run_reproduce(
-        source, out=out, verify=verify, device=device, allow_pickle=allow_pickle, echo=typer.echo
-    )
+    try:
+        report = run_reproduce(
+            source, out=out, verify=verify, device=device, allow_pickle=allow_pickle,
+            echo=typer.echo,
+        )  # fmt: skip
+    except KeyboardInterrupt:  # the rebuild's staged or temporary folder is already gone
+        where = f" to {out}" if out is not None else "; the temporary rebuild was removed"
+        typer.echo(f"interrupted; nothing was written{where}", err=True)
+        raise typer.Exit(130) from None
     if report is not None and not report.passed:
         raise typer.Exit(1)
 
