@@ -101,6 +101,7 @@ def search(
     ] = None,
 ) -> None:
     """Evolve the merge recipe RECIPE; write the best recipe, its model and a report."""
+    _check_address_space("search")
     from evomerge.search.command import run_search_command
 
     try:
@@ -178,6 +179,24 @@ def with_origin(message: str, path: Path) -> str:
     return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
+# Below this address space (ulimit -v) the libraries a search or an evaluation loads fail as they
+# start, not with an error: OpenBLAS spins forever in its thread buffers at 2 GiB, torch aborts
+# at 2.5 GiB, SQLite fails at 2.25 GiB (measured on the demo search; it ran at 2.86 GiB).
+MIN_ADDRESS_SPACE = 3 * 2**30
+
+
+def _check_address_space(command: str) -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+        raise MergeError(
+            f"{command}: the address-space limit (ulimit -v) is {soft / 2**30:.1f} GiB, below the "
+            f"{MIN_ADDRESS_SPACE / 2**30:.0f} GiB torch and OpenBLAS need to start (they hang or "
+            "abort under it); raise it, e.g. ulimit -v unlimited"
+        )
+
+
 def _terminated(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does: staged folders, locks, the study
 
@@ -243,6 +262,7 @@ def eval_(
     ] = False,
 ) -> None:
     """Score MODEL with lm-eval tasks: print metrics with standard errors and write them as JSON."""
+    _check_address_space("eval")
     from evomerge.evals.command import run_eval
 
     run_eval(

@@ -417,3 +417,29 @@ def test_a_database_server_gone_past_the_wait_is_one_line_and_resume_finishes(
     monkeypatch.setattr(journal, "_pid_alive", lambda pid: pid != os.getpid())
     search_on(url, "gone", recipe, out, executor=HashExecutor(["demo_combined"]), resume=True)
     assert study_content(url, "gone") == study_content(url, "calm")
+
+
+@pytest.mark.parametrize("command", ["search", "eval"])
+def test_a_low_address_space_limit_is_one_line_not_a_hang(command, tmp_path):
+    """Under a 2 GB address-space limit (ulimit -v) OpenBLAS, loaded by a search's libraries,
+    spins forever as it starts: the command refuses first, in one line, and writes nothing."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[1]
+    args = {
+        "search": ["recipes/demo.yaml", "--out", str(out)],
+        "eval": ["demo/family/base", "--tasks", "demo_mixed", "--output", str(out)],
+    }[command]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "evomerge", command, *args], cwd=repo, env=env,
+        preexec_fn=limit, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = f"error: {command}: the address-space limit (ulimit -v) is 2.0 GiB, below the 3 GiB"
+    assert done.stderr.startswith(line) and len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists()
