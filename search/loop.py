@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import optuna
 import torch
 from optuna.exceptions import StorageInternalError
 
@@ -109,8 +110,23 @@ class Search:
                 return self._run(suites, resume, echo, progress, executor, write_model)
             except StorageInternalError as exc:  # the database failed under us (full, locked)
                 raise self._storage_failed(exc) from None
+            except KeyError:  # what Optuna raises for a study deleted under it
+                if self._study_exists():
+                    raise
+                raise SearchError(
+                    f"{redact(self.storage)}: study {self.recipe.study_name!r} was deleted while "
+                    "the search ran (by another process?), and its trials with it; run the "
+                    "search again without --resume"
+                ) from None
             finally:
                 torch.set_num_threads(threads)  # the caller's setting, as it was
+
+    def _study_exists(self) -> bool:
+        try:
+            names = optuna.study.get_all_study_names(storage=self.storage)
+        except Exception:  # the storage itself is unreadable: not a deletion
+            return True
+        return self.recipe.study_name in names
 
     def _storage_failed(self, exc: Exception) -> SearchError:
         cause = storage_problem(exc.__cause__ or exc, self.storage)

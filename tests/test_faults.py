@@ -443,3 +443,30 @@ def test_a_low_address_space_limit_is_one_line_not_a_hang(command, tmp_path):
     line = f"error: {command}: the address-space limit (ulimit -v) is 2.0 GiB, below the 3 GiB"
     assert done.stderr.startswith(line) and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+class StudyDeleted(HashExecutor):
+    """Deletes the search's study (as another process might) as the `at`-th candidate is
+    scored."""
+
+    def __init__(self, storage: str, at: int):
+        super().__init__(["demo_combined"])
+        self.storage, self.at = storage, at
+
+    def run(self, candidate, ticket):
+        if self.evaluated == self.at:
+            optuna.delete_study(study_name="evomerge", storage=self.storage)
+        return super().run(candidate, ticket)
+
+
+def test_a_study_deleted_mid_search_stops_it_in_one_line(demo_family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", demo_family, budget={"evaluations": 8})
+    out = tmp_path / "out"
+    storage = f"sqlite:///{out / 'study.db'}"
+    with pytest.raises(SearchError) as stopped:
+        run(recipe, out, write_model=False, executor=StudyDeleted(storage, at=3))
+    message = str(stopped.value)
+    assert "\n" not in message and message.startswith(f"{storage}: "), message
+    assert "was deleted while the search ran" in message and "without --resume" in message
+    run(recipe, out, write_model=False, executor=HashExecutor(["demo_combined"]))  # as it says
+    assert len(trials_of(out)) == 8
