@@ -113,11 +113,7 @@ class Search:
             except KeyError:  # what Optuna raises for a study deleted under it
                 if self._study_exists():
                     raise
-                raise SearchError(
-                    f"{redact(self.storage)}: study {self.recipe.study_name!r} was deleted while "
-                    "the search ran (by another process?), and its trials with it; run the "
-                    "search again without --resume"
-                ) from None
+                raise self._study_deleted(f"study {self.recipe.study_name!r}") from None
             finally:
                 torch.set_num_threads(threads)  # the caller's setting, as it was
 
@@ -128,7 +124,16 @@ class Search:
             return True
         return self.recipe.study_name in names
 
+    def _study_deleted(self, what: str) -> SearchError:
+        return SearchError(
+            f"{redact(self.storage)}: {what} was deleted while the search ran (by another "
+            "process?), and its trials with it; run the search again without --resume"
+        )
+
     def _storage_failed(self, exc: Exception) -> SearchError:
+        sqlite_file = self.storage.removeprefix("sqlite:///")
+        if sqlite_file != self.storage and not Path(sqlite_file).exists():
+            return self._study_deleted("the study's database file")
         cause = storage_problem(exc.__cause__ or exc, self.storage)
         return SearchError(
             f"{redact(self.storage)}: the study's database failed: {cause}; every finished "

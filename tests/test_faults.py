@@ -446,27 +446,31 @@ def test_a_low_address_space_limit_is_one_line_not_a_hang(command, tmp_path):
 
 
 class StudyDeleted(HashExecutor):
-    """Deletes the search's study (as another process might) as the `at`-th candidate is
-    scored."""
+    """Deletes the search's study, or its SQLite file (as another process might), as the
+    `at`-th candidate is scored."""
 
-    def __init__(self, storage: str, at: int):
+    def __init__(self, out: Path, at: int, file: bool):
         super().__init__(["demo_combined"])
-        self.storage, self.at = storage, at
+        self.out, self.at, self.file = out, at, file
 
     def run(self, candidate, ticket):
-        if self.evaluated == self.at:
-            optuna.delete_study(study_name="evomerge", storage=self.storage)
+        if self.evaluated == self.at and self.file:
+            (self.out / "study.db").unlink()
+        elif self.evaluated == self.at:
+            storage = f"sqlite:///{self.out / 'study.db'}"
+            optuna.delete_study(study_name="evomerge", storage=storage)
         return super().run(candidate, ticket)
 
 
-def test_a_study_deleted_mid_search_stops_it_in_one_line(demo_family, tmp_path):
+@pytest.mark.parametrize("file", [False, True], ids=["study", "database-file"])
+def test_a_study_deleted_mid_search_stops_it_in_one_line(file, demo_family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", demo_family, budget={"evaluations": 8})
     out = tmp_path / "out"
-    storage = f"sqlite:///{out / 'study.db'}"
     with pytest.raises(SearchError) as stopped:
-        run(recipe, out, write_model=False, executor=StudyDeleted(storage, at=3))
+        run(recipe, out, write_model=False, executor=StudyDeleted(out, at=3, file=file))
     message = str(stopped.value)
-    assert "\n" not in message and message.startswith(f"{storage}: "), message
-    assert "was deleted while the search ran" in message and "without --resume" in message
+    what = "the study's database file" if file else "study 'evomerge'"
+    assert message.startswith(f"sqlite:///{out / 'study.db'}: {what} was deleted while the search")
+    assert "\n" not in message and message.endswith("run the search again without --resume")
     run(recipe, out, write_model=False, executor=HashExecutor(["demo_combined"]))  # as it says
     assert len(trials_of(out)) == 8
