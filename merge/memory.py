@@ -86,13 +86,18 @@ def uses_deltas(plan: MergePlan, task: TensorTask, floating: bool) -> bool:
     )
 
 
-def _workspace(plan: MergePlan, task: TensorTask, numel: int, size: int, deltas: bool) -> int:
+def _workspace(
+    plan: MergePlan, task: TensorTask, numel: int, size: int, deltas: bool, model: torch.dtype
+) -> int:
     k, name, extras = len(task.inputs), plan.method.name, plan.method.extras
+    # Linear and task-vector sums write straight into a model parameter of their dtype; into
+    # another dtype, through a full-size result.
+    result = 0 if model == task.compute_dtype == task.out_dtype else numel * size
     if name == "linear":
-        return chunks.span_size(numel) * (8 if size == 8 else 4)  # its float32 accumulator
+        return result + chunks.span_size(numel) * (8 if size == 8 else 4)  # float32 accumulator
     if deltas:
         span = chunks.span_size(numel, chunks.LONG)
-        combine = span * span_bytes(k - 1, size, extras["consensus"])
+        combine = result + span * span_bytes(k - 1, size, extras["consensus"])
         if extras["sparsification"] is None:
             return combine
         a, b = WORKSPACE.get(name, {}).get(size, WORKSPACE_OTHER)
@@ -129,7 +134,8 @@ def plan_memory(
         sources += len(fresh) * numel * size + deltas
         largest = max(largest, len(task.inputs) * numel * size)
         if floating:
-            workspace = max(workspace, _workspace(plan, task, numel, size, deltas > 0))
+            dtype = model_dtype or task.out_dtype
+            workspace = max(workspace, _workspace(plan, task, numel, size, deltas > 0, dtype))
     text = config.get("text_config", config)
     hidden = int(text.get("hidden_size", 0))
     wide = max(int(text.get("intermediate_size", 0)) * 3, hidden * 4)

@@ -177,6 +177,7 @@ class ResidentMerger:
             )
             if not direct:
                 target.copy_(result)
+            del result  # not alive while the next tensor merges (the memory plan counts one)
 
     def _writes_into(self, task: TensorTask, inputs: list[torch.Tensor], target: torch.Tensor):
         """The method can write this task straight into the model's parameter."""

@@ -178,3 +178,19 @@ def test_the_planned_workspace_is_the_measured_one_within_10_percent(
         with PeakAllocations() as seen:
             merger.materialize(model)
         assert abs(planned - seen.peak) <= 0.1 * seen.peak, (base, planned, seen.peak)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_a_model_in_another_dtype_is_planned_with_the_full_size_result(method, family):
+    """A bfloat16 merge into a float32 model goes through a full-size result, not straight
+    into the parameters: the plan counts it."""
+    from allocations import PeakAllocations
+
+    merge = method_recipe(family.base, family.experts, method, "bfloat16")
+    plan = build_plan(merge)
+    planned = plan_memory(plan, output_config(plan), model_dtype=torch.float32).workspace
+    merger = ResidentMerger(merge, device="cpu", seed=1)
+    model = merger.build_model(dtype=torch.float32)
+    with PeakAllocations() as seen:
+        merger.materialize(model)
+    assert abs(planned - seen.peak) <= 0.1 * seen.peak, (planned, seen.peak)
