@@ -69,9 +69,9 @@ def _open_study(storage: str, study_name: str, directions: list[str]) -> optuna.
     """Create or load the study. Searchers starting together on a new database race to create
     Optuna's tables and the study; the loser of such a race retries and loads what the winner
     made."""
-    where = _rdb_storage(storage)
     for attempt in range(5):
         try:
+            where = _rdb_storage(storage)  # it creates Optuna's tables: inside the race
             return optuna.create_study(
                 storage=where, study_name=study_name, directions=directions, load_if_exists=True
             )
