@@ -118,6 +118,8 @@ class Search:
                 torch.set_num_threads(threads)  # the caller's setting, as it was
 
     def _study_exists(self) -> bool:
+        if self._sqlite_file_gone():  # opening it would create an empty one
+            return False
         try:
             names = optuna.study.get_all_study_names(storage=self.storage)
         except Exception:  # the storage itself is unreadable: not a deletion
@@ -130,9 +132,12 @@ class Search:
             "process?), and its trials with it; run the search again without --resume"
         )
 
-    def _storage_failed(self, exc: Exception) -> SearchError:
+    def _sqlite_file_gone(self) -> bool:
         sqlite_file = self.storage.removeprefix("sqlite:///")
-        if sqlite_file != self.storage and not Path(sqlite_file).exists():
+        return sqlite_file != self.storage and not Path(sqlite_file).exists()
+
+    def _storage_failed(self, exc: Exception) -> SearchError:
+        if self._sqlite_file_gone():
             return self._study_deleted("the study's database file")
         cause = storage_problem(exc.__cause__ or exc, self.storage)
         return SearchError(
