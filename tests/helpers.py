@@ -248,3 +248,30 @@ def mergekit_offline(recipe: Path, out: Path, cwd: Path) -> subprocess.Completed
         text=True,
     )
 
+
+
+def stalled_cli(argv: list[str], marker: Path, release: Path, env: dict | None = None):
+    """`evomerge ARGV` in a subprocess whose first merged tensor creates `marker`, then waits
+    (up to 60 s) for a file `release`; returned once the marker exists, so a signal sent now
+    lands mid-merge, whatever the machine's speed."""
+    hooked = (
+        "import os, sys, time\n"
+        "import evomerge.merge.materialize as m\n"
+        "compute = m.compute_task\n"
+        "def stalled(*a, **k):\n"
+        f"    open({str(marker)!r}, 'a').close()\n"
+        "    deadline = time.monotonic() + 60\n"
+        f"    while not os.path.exists({str(release)!r}) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.02)\n"
+        "    return compute(*a, **k)\n"
+        "m.compute_task = stalled\n"
+        f"sys.argv = ['evomerge', *{argv!r}]\n"
+        "from evomerge.cli import main\nmain()\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", hooked], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not marker.exists() and process.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), process.communicate()[1]
+    return process

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 import yaml
 from families import build_tiny_family
+from helpers import stalled_cli
 from safetensors.torch import load_file, save_file
 
 from evomerge import cli
@@ -225,31 +225,11 @@ def test_merge_refuses_an_output_path_it_cannot_create(where, fam, tmp_path, mon
 
 
 def slow_merge_process(recipe: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
-    """`evomerge merge` whose first tensor creates `marker` and whose later tensors wait for a
-    file `release` beside it: a signal sent once the marker exists lands mid-merge, whatever the
-    machine's speed."""
+    """`evomerge merge` stalled at its first tensor until a file `release` appears beside
+    `marker` (helpers.stalled_cli)."""
     marker, release = out.parent / "merging", out.parent / "release"
-    hooked = (
-        "import os, sys, time\n"
-        "import evomerge.merge.materialize as m\n"
-        "compute = m.compute_task\n"
-        "def stalled(*a, **k):\n"
-        f"    open({str(marker)!r}, 'a').close()\n"
-        "    deadline = time.monotonic() + 60\n"
-        f"    while not os.path.exists({str(release)!r}) and time.monotonic() < deadline:\n"
-        "        time.sleep(0.02)\n"
-        "    return compute(*a, **k)\n"
-        "m.compute_task = stalled\n"
-        f"sys.argv = ['evomerge', 'merge', {str(recipe)!r}, {str(out)!r}, '--device', 'cpu',"
-        f" *{list(extra)!r}]\n"
-        "from evomerge.cli import main\nmain()\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", hooked], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not marker.exists() and process.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists(), process.communicate()[1]
-    return process, marker
+    argv = ["merge", str(recipe), str(out), "--device", "cpu", *extra]
+    return stalled_cli(argv, marker, release), marker
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -12,10 +12,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import time
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 import yaml
-from helpers import load_weights
+from helpers import load_weights, stalled_cli
 from mergekit_oracle import run_mergekit
 from safetensors.torch import load_file, save_file
 
@@ -224,30 +221,14 @@ def test_out_keeps_the_rebuild_and_the_temporary_one_is_removed(tiny_family, tmp
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_rebuild_removes_the_temporary_folder(signum, tiny_family, tmp_path):
-    """`reproduce --verify` stopped while it rebuilds (its first tensor waits for a file that
-    never comes): exit 130 in one line, and its temporary folder is gone."""
+    """`reproduce --verify` stopped while it rebuilds (helpers.stalled_cli; the release never
+    comes): exit 130 in one line, and its temporary folder is gone."""
     published = publish(recipe("ties", tiny_family(), density=0.5), tmp_path / "pub")
     temp, marker = tmp_path / "tmp", tmp_path / "rebuilding"
     temp.mkdir()
-    hooked = (
-        "import os, sys, time\n"
-        "import evomerge.merge.materialize as m\n"
-        "compute = m.compute_task\n"
-        "def stalled(*a, **k):\n"
-        f"    open({str(marker)!r}, 'a').close()\n"
-        "    time.sleep(60)\n"
-        "    return compute(*a, **k)\n"
-        "m.compute_task = stalled\n"
-        f"sys.argv = ['evomerge', 'reproduce', {str(published)!r}, '--verify', '--device', 'cpu']\n"
-        "from evomerge.cli import main\nmain()\n"
-    )
     env = {**os.environ, "TMPDIR": str(temp), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-c", hooked], stderr=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not marker.exists() and process.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists(), process.communicate()[1]
+    argv = ["reproduce", str(published), "--verify", "--device", "cpu"]
+    process = stalled_cli(argv, marker, tmp_path / "never", env)
     assert [p.name.startswith("evomerge-reproduce-") for p in temp.iterdir()] == [True]
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
