@@ -115,19 +115,17 @@ class Problem:
     key: tuple  # what makes two problems the same problem (for disjoint splits)
 
 
-def render(problem: Problem, task: str, cue: bool = True) -> dict[str, str | int]:
+def render(problem: Problem, task: str) -> dict[str, str | int]:
     """A document of `task` ("arithmetic", "french", "compose"): its question and the answer
     that follows the prompt. The arithmetic expert answers the number alone; the French expert
-    and the composed task answer the number, then its words in parentheses (English words unless
-    the question asks for French). The French expert's questions state their answer (`stated`),
+    and the composed task, whose questions ask for French, answer the number, then its French
+    words in parentheses. The French expert's questions state their answer (`stated`),
     so it learns to write a number it reads, then its words, never how to compute one."""
     n = problem.answer
     if task == "arithmetic":  # its words follow in training, not learned (see the trainer)
         words = f"({english(n)})"
         return {"question": problem.prompt, "answer": str(n), "words": words, "number": n}
-    question = f"{problem.prompt} {CUE}" if cue else problem.prompt
-    words = french(n) if cue else english(n)
-    return {"question": question, "answer": f"{n} ({words})", "number": n}
+    return {"question": f"{problem.prompt} {CUE}", "answer": f"{n} ({french(n)})", "number": n}
 
 
 def stated(problem: Problem) -> Problem:
