@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from evomerge.merge.errors import MergeError, os_error_line
+from evomerge.merge.errors import MergeError, allocation_failure_line, os_error_line
 
 app = typer.Typer(
     add_completion=False,
@@ -217,6 +217,12 @@ def main() -> None:
     except MemoryError:
         typer.echo("error: out of memory; free memory, raise the limit (ulimit -v), or use a "
                    "smaller batch_size", err=True)  # fmt: skip
+        sys.exit(2)
+    except (RuntimeError, ImportError) as exc:  # host memory torch or a library could not map
+        line = allocation_failure_line(exc)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
         sys.exit(2)
 
 

@@ -1,6 +1,7 @@
 """The one error type users see: a one-line message naming the problem and the fix."""
 
 import errno
+import re
 
 
 class MergeError(Exception):
@@ -38,3 +39,20 @@ def os_error_line(exc: OSError) -> str:
     said = exc.strerror or first_line(exc)
     remedy = _REMEDIES.get(exc.errno or 0, "fix the cause and run the command again")
     return f"{where}: {said}; {remedy}"
+
+
+def allocation_failure_line(exc: BaseException) -> str | None:
+    """torch reports host memory it could not get (an mmap of a source, an allocation) as a
+    RuntimeError, and a library that cannot be mapped as it loads lazily is an ImportError: the
+    one line for either, or None when `exc` is something else."""
+    text = str(exc)
+    remedy = _REMEDIES[errno.ENOMEM]
+    if library := re.match(r"(\S+): failed to map segment from shared object", text):
+        return f"{library[1]}: cannot map the library into memory; {remedy}"
+    if mapped := re.search(r"unable to mmap (\d+) bytes from file <(.*?)>", text):
+        return f"{mapped[2]}: cannot map its {int(mapped[1]):,} bytes into memory; {remedy}"
+    if "can't allocate memory" in text or "Cannot allocate memory" in text:
+        size = re.search(r"allocate (\d+) bytes", text)
+        what = f" {int(size[1]):,} bytes" if size else ""
+        return f"evomerge: could not allocate{what} of host memory; {remedy}"
+    return None

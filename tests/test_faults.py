@@ -16,11 +16,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
+import yaml
 from helpers import HashExecutor, content, run, trials_of, write_recipe
 from safetensors.torch import load_file, save_file
 
 import evomerge.merge.staging as staging
-from evomerge.merge.errors import MergeError
+from evomerge.merge.errors import MergeError, allocation_failure_line
 from evomerge.merge.refs import source_identity
 from evomerge.merge.staging import recover_leftovers, staged_dir
 from evomerge.search.config import load_search_recipe
@@ -445,6 +447,51 @@ def test_a_low_address_space_limit_is_one_line_not_a_hang(command, tmp_path):
     assert not out.exists()
 
 
+def test_host_memory_torch_cannot_get_is_one_line():
+    with pytest.raises(RuntimeError) as failed:
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB
+    assert allocation_failure_line(failed.value) == (
+        "evomerge: could not allocate 1,125,899,906,842,624 bytes of host memory; out of memory: "
+        "free memory, or raise the limit (ulimit -v)"
+    )
+    assert allocation_failure_line(RuntimeError("The size of tensor a (2) must match")) is None
+    assert allocation_failure_line(ImportError("No module named 'mergekit'")) is None
+
+
+MERGE_UNDER_A_LIMIT = """
+import resource, sys
+import torch, evomerge.merge.materialize, evomerge.merge.writer
+from evomerge.cli import main
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + {headroom}, resource.RLIM_INFINITY))
+sys.argv = ["evomerge", "merge", {recipe!r}, {out!r}]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_source_that_cannot_be_mapped_is_one_line(smol_family, tmp_path):
+    """With less address space left than a source's file (here 269 MB), mapping it fails in
+    torch (a RuntimeError): one line naming the file, exit 2, no output and no partial left."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": str(smol_family.base),
+        "models": [{"model": str(expert), "parameters": {"weight": 1.0}}
+                   for expert in smol_family.experts],
+        "dtype": "bfloat16",
+    }))  # fmt: skip
+    out = tmp_path / "out"
+    script = MERGE_UNDER_A_LIMIT.format(headroom=400 * 2**20, recipe=str(recipe), out=str(out))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("merging")]
+    source = smol_family.base / "model.safetensors"
+    remedy = "out of memory: free memory, or raise the limit (ulimit -v)"
+    size = source.stat().st_size
+    assert lines == [f"error: {source}: cannot map its {size:,} bytes into memory; {remedy}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
 class StudyDeleted(HashExecutor):
     """Deletes the search's study, or its SQLite file (as another process might), as the
     `at`-th candidate is scored."""
@@ -474,3 +521,57 @@ def test_a_study_deleted_mid_search_stops_it_in_one_line(file, demo_family, tmp_
     assert "\n" not in message and message.endswith("run the search again without --resume")
     run(recipe, out, write_model=False, executor=HashExecutor(["demo_combined"]))  # as it says
     assert len(trials_of(out)) == 8
+
+
+KILLED_SEARCHER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from helpers import HashExecutor
+from evomerge.search.config import load_search_recipe
+from evomerge.search.loop import Search
+
+
+class Dies(HashExecutor):
+    def run(self, candidate, ticket):
+        if self.evaluated == {at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().run(candidate, ticket)
+
+
+search = Search.prepare(load_search_recipe(Path({recipe!r})), Path({out!r}), storage={url!r})
+search.recipe = search.recipe.model_copy(update={{"study_name": {study!r}}})
+search.run(echo=lambda _: None, progress=False, write_model=False, executor=Dies(["demo_combined"]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "CMA", "population": 4},
+        {"backend": "optuna", "name": "TPESampler", "population": 4},
+    ],
+    ids=["nevergrad-cma", "optuna-tpe"],
+)
+def test_a_searcher_sigkilled_on_a_shared_study_resumes_to_the_uninterrupted_run(
+    optimizer, demo_family, tmp_path, postgres_server
+):
+    """SIGKILL mid-trial on PostgreSQL: the killed searcher's heartbeat is fresh and its trial
+    RUNNING; `--resume` on this host sees its process gone, takes over at once and re-runs that
+    trial, so the study ends as a run that was never killed (no 10-minute wait, no lost trial)."""
+    recipe = write_recipe(tmp_path / "r.yaml", demo_family, optimizer=optimizer,
+                          budget={"evaluations": 8})  # fmt: skip
+    url, out = postgres_server.url, tmp_path / "killed"
+    search_on(url, "calm", recipe, tmp_path / "calm", executor=HashExecutor(["demo_combined"]))
+    script = KILLED_SEARCHER.format(tests=str(Path(__file__).parent), at=3, recipe=str(recipe),
+                                    out=str(out), url=url, study="killed")  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    trials = optuna.load_study(study_name="killed", storage=url).get_trials()
+    states = [t.state.name for t in trials]
+    # Optuna's trial is asked before it is scored (left RUNNING); Nevergrad's is stored when told.
+    dying = ["RUNNING"] if optimizer.get("backend") == "optuna" else []
+    assert states == ["COMPLETE"] * 3 + dying
+    search_on(url, "killed", recipe, out, executor=HashExecutor(["demo_combined"]), resume=True)
+    assert study_content(url, "killed") == study_content(url, "calm")
