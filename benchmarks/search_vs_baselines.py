@@ -13,7 +13,8 @@ a fitness of two or more tasks (cycle_qd keeps one archive per task), the same f
 
 For each strategy and seed: the best trial by fitness after half the budget and after all of it,
 each scored on the held-out split, and the evaluations it took for the best fitness so far to
-pass the naive merge's (every gene at its start). Runs resume (each in its own study under
+pass the start recipe's (every gene at its init: the naive merge on the demo, mergekit's hand
+task arithmetic with weight 1 on the compose family). Runs resume (each in its own study under
 --workdir), so an interrupted benchmark picks up where it stopped. Prints one table.
 
     python benchmarks/search_vs_baselines.py --family demo --seeds 0 1 2
@@ -95,7 +96,7 @@ def judged(result, task: str | None) -> tuple[float, float]:
 def run_seed(family: dict, seed: int, args, rows: dict) -> None:
     from evomerge.evals.suite import prepare_suites
 
-    executor = suites = naive = None
+    executor = suites = start = None
     for label in args.strategies:
         recipe = bench_recipe(family, STRATEGIES[label], seed, args.budget)
         out = args.workdir / args.family / f"{STRATEGIES[label]['name']}-{seed}"
@@ -104,7 +105,7 @@ def run_seed(family: dict, seed: int, args, rows: dict) -> None:
         if executor is None:
             suites = prepare_suites(recipe.fitness)
             executor = search.space.make_executor(recipe, suites)
-            naive = executor.score(search.space.candidate(search.space.init()), "fitness").fitness
+            start = executor.score(search.space.candidate(search.space.init()), "fitness").fitness
         started = time.perf_counter()
         journal, _ = search.evolve(suites, executor, resume=True, progress=False,
                                    echo=lambda _: None)  # fmt: skip
@@ -121,7 +122,7 @@ def run_seed(family: dict, seed: int, args, rows: dict) -> None:
         for i, t in enumerate(trials, 1):
             if not t.outcome.failed:
                 so_far = max(so_far, t.outcome.fitness)
-            if passed is None and so_far > naive:
+            if passed is None and so_far > start:
                 passed = i
         run = {"seed": seed, "half": cells[budget // 2], "full": cells[budget], "passed": passed,
                "evaluations": budget, "seconds": seconds}  # fmt: skip
@@ -154,7 +155,7 @@ def main() -> None:
     print(f"\n{args.family}: best trial by fitness, scored on held-out {what} (mean over seeds "
           f"{', '.join(map(str, args.seeds))} ± half their range; per seed: value ± stderr)")
     print("| strategy | after half the budget | after the budget | per seed, full budget | "
-          "evaluations to pass the naive merge |")
+          "evaluations to pass the start recipe |")
     print("| --- | --- | --- | --- | --- |")
     for label, runs in rows.items():
         half = _mean_spread([r["half"][0] for r in runs])
