@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -250,6 +251,12 @@ def mergekit_offline(recipe: Path, out: Path, cwd: Path) -> subprocess.Completed
 
 
 
+def _default_sigint() -> None:
+    """A test run in the background (nohup, `cmd &` in a script) ignores SIGINT, and so would
+    the CLI it starts: Python installs its Ctrl-C handler only where SIGINT is not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stalled_cli(argv: list[str], marker: Path, release: Path, env: dict | None = None):
     """`evomerge ARGV` in a subprocess whose first merged tensor creates `marker`, then waits
     (up to 60 s) for a file `release`; returned once the marker exists, so a signal sent now
@@ -269,7 +276,8 @@ def stalled_cli(argv: list[str], marker: Path, release: Path, env: dict | None =
         "from evomerge.cli import main\nmain()\n"
     )
     process = subprocess.Popen([sys.executable, "-c", hooked], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=_default_sigint)  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not marker.exists() and process.poll() is None:
         time.sleep(0.05)
