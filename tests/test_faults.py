@@ -557,9 +557,10 @@ search.run(echo=lambda _: None, progress=False, write_model=False, executor=Dies
 def test_a_searcher_sigkilled_on_a_shared_study_resumes_to_the_uninterrupted_run(
     optimizer, demo_family, tmp_path, postgres_server
 ):
-    """SIGKILL mid-trial on PostgreSQL: the killed searcher's heartbeat is fresh and its trial
-    RUNNING; `--resume` on this host sees its process gone, takes over at once and re-runs that
-    trial, so the study ends as a run that was never killed (no 10-minute wait, no lost trial)."""
+    """SIGKILL mid-trial on PostgreSQL: the killed searcher's heartbeat is fresh (and with Optuna
+    its trial RUNNING); `--resume` on this host sees its process gone, takes over at once and
+    scores the trial it died in, so the study ends as a run that was never killed (no 10-minute
+    wait, no lost trial)."""
     recipe = write_recipe(tmp_path / "r.yaml", demo_family, optimizer=optimizer,
                           budget={"evaluations": 8})  # fmt: skip
     url, out = postgres_server.url, tmp_path / "killed"
