@@ -237,6 +237,25 @@ def run(recipe_path: Path, out: Path, **kwargs):
     return search.run(echo=lambda _: None, progress=False, **kwargs)
 
 
+def search_on(server_url: str, study: str, recipe: Path, out: Path, **kwargs):
+    """A search of `recipe` whose study is `study` on the database at `server_url`."""
+    search = Search.prepare(load_search_recipe(recipe), out, storage=server_url)
+    search.recipe = search.recipe.model_copy(update={"study_name": study})
+    return search.run(echo=lambda _: None, progress=False, write_model=False, **kwargs)
+
+
+# The resume contracts differ by backend: Nevergrad replays its tells in one process, Optuna
+# samplers read the study; one optimizer of each.
+EACH_BACKEND = pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "CMA", "population": 4},
+        {"backend": "optuna", "name": "TPESampler", "population": 4},
+    ],
+    ids=["nevergrad-cma", "optuna-tpe"],
+)
+
+
 def mergekit_offline(recipe: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess:
     """`mergekit-yaml RECIPE OUT` with no network: the recipe must name only local models."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -18,7 +18,15 @@ import optuna
 import pytest
 import torch
 import yaml
-from helpers import HashExecutor, content, run, trials_of, write_recipe
+from helpers import (
+    EACH_BACKEND,
+    HashExecutor,
+    content,
+    run,
+    search_on,
+    trials_of,
+    write_recipe,
+)
 from safetensors.torch import load_file, save_file
 
 import evomerge.merge.staging as staging
@@ -372,12 +380,6 @@ class ServerStops(HashExecutor):
         return super().run(candidate, ticket)
 
 
-def search_on(server_url: str, study: str, recipe: Path, out: Path, **kwargs):
-    search = Search.prepare(load_search_recipe(recipe), out, storage=server_url)
-    search.recipe = search.recipe.model_copy(update={"study_name": study})
-    return search.run(echo=lambda _: None, progress=False, write_model=False, **kwargs)
-
-
 def study_content(server_url: str, study: str) -> list[tuple]:
     trials = optuna.load_study(study_name=study, storage=server_url).get_trials()
     return [content(t) for t in sorted(trials, key=lambda t: t.number)]
@@ -527,9 +529,7 @@ KILLED_SEARCHER = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from helpers import HashExecutor
-from evomerge.search.config import load_search_recipe
-from evomerge.search.loop import Search
+from helpers import HashExecutor, search_on
 
 
 class Dies(HashExecutor):
@@ -539,21 +539,12 @@ class Dies(HashExecutor):
         return super().run(candidate, ticket)
 
 
-search = Search.prepare(load_search_recipe(Path({recipe!r})), Path({out!r}), storage={url!r})
-search.recipe = search.recipe.model_copy(update={{"study_name": {study!r}}})
-search.run(echo=lambda _: None, progress=False, write_model=False, executor=Dies(["demo_combined"]))
+search_on({url!r}, {study!r}, Path({recipe!r}), Path({out!r}), executor=Dies(["demo_combined"]))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        {"name": "CMA", "population": 4},
-        {"backend": "optuna", "name": "TPESampler", "population": 4},
-    ],
-    ids=["nevergrad-cma", "optuna-tpe"],
-)
+@EACH_BACKEND
 def test_a_searcher_sigkilled_on_a_shared_study_resumes_to_the_uninterrupted_run(
     optimizer, demo_family, tmp_path, postgres_server
 ):

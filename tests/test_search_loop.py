@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import HashExecutor, content, mergekit_offline, run, trials_of, write_recipe
+from helpers import (
+    EACH_BACKEND,
+    HashExecutor,
+    content,
+    mergekit_offline,
+    run,
+    trials_of,
+    write_recipe,
+)
 
 from evomerge.search.config import load_search_recipe
 from evomerge.search.errors import SearchError
@@ -156,14 +164,7 @@ def _finished_count(db: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        {"name": "CMA", "population": 4},
-        {"backend": "optuna", "name": "TPESampler", "population": 4},
-    ],
-    ids=["nevergrad-cma", "optuna-tpe"],
-)
+@EACH_BACKEND
 def test_sigkill_and_resume_equals_an_uninterrupted_run(demo_family, tmp_path, optimizer):
     recipe = write_recipe(tmp_path / "search.yaml", demo_family, optimizer=optimizer)
     reference = tmp_path / "reference"
