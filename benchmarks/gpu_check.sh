@@ -13,12 +13,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target "$site" "$wheels"/*.whl
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 - <<'PY'
+sections=()
+python3 - <<'PY' || sections=(--sections merge materialize)
 import pyarrow, torch, transformers
 print(f"torch {torch.__version__} (cuda {torch.cuda.is_available()}), transformers "
       f"{transformers.__version__}, pyarrow {pyarrow.__version__}")
 if int(pyarrow.__version__.split(".")[0]) < 24:
-    raise SystemExit("error: datasets needs pyarrow >= 24; fetch it with PYARROW=1 bash "
-                     "benchmarks/gpu_wheels.sh")
+    raise SystemExit("datasets needs pyarrow >= 24 (PYARROW=1 bash benchmarks/gpu_wheels.sh "
+                     "fetches it): running the merge and materialize sections only")
 PY
-exec python3 benchmarks/gpu_check.py "$@"
+exec python3 benchmarks/gpu_check.py "$@" "${sections[@]}"

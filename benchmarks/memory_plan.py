@@ -80,7 +80,7 @@ def main() -> None:
             m["model"] = str(local[m["model"]])
             m["parameters"] = {"weight": 0.5, "density": 0.5}  # the search's starting point
         plan = build_plan(parse_recipe(recipe))
-        memory = plan_memory(plan, output_config(plan))
+        memory = plan_memory(plan, output_config(plan), device="cuda")  # planned for a GPU
         print("recipes/evollm-jp-ps.yaml: " + "; ".join(memory.lines()[1:2]).strip())
         print()
         header = "| sources | device | host | " + " | ".join(f"{g} GB GPU" for g in GPUS_GB) + " |"

@@ -5,6 +5,7 @@ host, by placement. `--dry-run` prints it; a search refuses a placement that can
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -44,10 +45,12 @@ class MemoryPlan:
     model: int  # the model each candidate is materialized into
     workspace: int  # the merge math's temporaries for the largest tensor
     evaluation: int  # one scoring batch (estimate: EVAL_BATCH x EVAL_LENGTH unless told)
-    largest_inputs: int  # one task's inputs: what host placement has on the device at a time
+    # Host placement: the most that two consecutive tasks' inputs hold (one computing, the
+    # next one's copied ahead), what it has on the device at a time besides the model.
+    streamed: int
 
     def device_bytes(self, placement: str) -> int:
-        streamed = self.sources if placement == "device" else 2 * self.largest_inputs
+        streamed = self.sources if placement == "device" else self.streamed
         return self.model + self.workspace + self.evaluation + streamed
 
     def host_bytes(self, placement: str) -> int:
@@ -87,16 +90,23 @@ def uses_deltas(plan: MergePlan, task: TensorTask, floating: bool) -> bool:
 
 
 def _workspace(
-    plan: MergePlan, task: TensorTask, numel: int, size: int, deltas: bool, model: torch.dtype
+    plan: MergePlan,
+    task: TensorTask,
+    numel: int,
+    size: int,
+    deltas: bool,
+    model: torch.dtype,
+    device: torch.device,
 ) -> int:
     k, name, extras = len(task.inputs), plan.method.name, plan.method.extras
     # Linear and task-vector sums write straight into a model parameter of their dtype; into
     # another dtype, through a full-size result.
     result = 0 if model == task.compute_dtype == task.out_dtype else numel * size
     if name == "linear":
-        return result + chunks.span_size(numel) * (8 if size == 8 else 4)  # float32 accumulator
+        accumulator = 8 if size == 8 else 4  # float32 (float64 for float64 inputs)
+        return result + chunks.span_size(numel, device=device) * accumulator
     if deltas:
-        span = chunks.span_size(numel, chunks.LONG)
+        span = chunks.span_size(numel, chunks.LONG, device)
         combine = result + span * span_bytes(k - 1, size, extras["consensus"])
         if extras["sparsification"] is None:
             return combine
@@ -114,9 +124,13 @@ def plan_memory(
     batch: int = EVAL_BATCH,
     length: int = EVAL_LENGTH,
     model_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
 ) -> MemoryPlan:
-    """The plan of `plan` (headers only) and the merged model's `config` (output_config)."""
-    sources = model = workspace = largest = 0
+    """The plan of `plan` (headers only) and the merged model's `config` (output_config), for
+    merging on `device` (a GPU works in longer spans: methods/chunks.py)."""
+    device = torch.device(device)
+    sources = model = workspace = 0
+    inputs: list[int] = []  # each task's input bytes, in the order the merger streams them
     seen: set[tuple[str, str]] = set()
     for task in plan.tasks:
         numel = _numel(task)
@@ -132,17 +146,20 @@ def plan_memory(
         fresh = [key for key in kept if key not in seen]
         seen.update(fresh)
         sources += len(fresh) * numel * size + deltas
-        largest = max(largest, len(task.inputs) * numel * size)
+        inputs.append(len(task.inputs) * numel * size)
         if floating:
             dtype = model_dtype or task.out_dtype
-            workspace = max(workspace, _workspace(plan, task, numel, size, deltas > 0, dtype))
+            workspace = max(
+                workspace, _workspace(plan, task, numel, size, deltas > 0, dtype, device)
+            )
     text = config.get("text_config", config)
     hidden = int(text.get("hidden_size", 0))
     wide = max(int(text.get("intermediate_size", 0)) * 3, hidden * 4)
     vocab = int(text.get("vocab_size", 0))
     itemsize = (model_dtype or plan.tasks[0].out_dtype).itemsize if plan.tasks else 4
     evaluation = batch * length * (wide * itemsize + 2 * vocab * 4)
-    return MemoryPlan(sources, model, workspace, evaluation, largest)
+    streamed = max((a + b for a, b in itertools.pairwise(inputs)), default=sum(inputs))
+    return MemoryPlan(sources, model, workspace, evaluation, streamed)
 
 
 def free_bytes(device: torch.device) -> int:

@@ -107,7 +107,7 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     echo(f"{path}: valid")
     echo(f"merge: {m.merge_method} of {', '.join(models)} over {m.base_model or '(no base)'}")
     echo(f"layers: {layers if layers is not None else 'unknown offline'}")
-    for line in _memory_lines(space):
+    for line in _memory_lines(space, recipe.device):
         echo(line)
     echo(f"space: {len(space)} genes")
     shown = space.genes if len(space) <= MAX_GENES_LISTED else space.genes[:MAX_GENES_LISTED]
@@ -151,9 +151,12 @@ def describe(recipe: SearchRecipe, path: Path, echo: Callable[[str], None]) -> N
     echo("nothing was downloaded or loaded")
 
 
-def _memory_lines(space) -> list[str]:
+def _memory_lines(space, device: str) -> list[str]:
     """The memory plan of a parameter-space search whose sources are all local folders (read
-    from their headers; a Hub model or an unconverted GGUF file is not fetched for it)."""
+    from their headers; a Hub model or an unconverted GGUF file is not fetched for it), for the
+    recipe's device (`auto`: a GPU if this machine has one)."""
+    import torch
+
     from evomerge.merge.lora import split_lora
     from evomerge.merge.materialize import output_config
     from evomerge.merge.memory import plan_memory
@@ -170,7 +173,9 @@ def _memory_lines(space) -> list[str]:
                 "fetched for a dry run)"]  # fmt: skip
     plan = build_plan(first)
     try:
-        return plan_memory(plan, output_config(plan)).lines()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return plan_memory(plan, output_config(plan), device=device.split(":")[0]).lines()
     finally:
         for ckpt in plan.checkpoints.values():
             ckpt.close()

@@ -107,7 +107,7 @@ def choose_placement(first: Recipe, recipe: SearchRecipe) -> str:
     device = resolve_device(recipe.device)
     plan = build_plan(first, allow_pickle=recipe.allow_pickle)
     try:
-        memory = plan_memory(plan, output_config(plan))
+        memory = plan_memory(plan, output_config(plan), device=device)
     finally:
         for ckpt in plan.checkpoints.values():
             ckpt.close()

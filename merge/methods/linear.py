@@ -18,13 +18,14 @@ def _linear_into(group, shared, per_input, generators, out: torch.Tensor) -> tor
     summed weights, written into `out` (contiguous, the inputs' dtype) a span at a time."""
     first = group.tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    weights = torch.tensor([p["weight"] for p in per_input], dtype=dtype)
-    total = weights.sum().to(first.device)
-    weights = [w.to(first.device) for w in weights]
+    values = tuple(p["weight"] for p in per_input)
+    weights = chunks.constants(values, dtype, first.device)
+    total = chunks.constants((torch.tensor(values, dtype=dtype).sum().item(),), dtype, first.device)
     flat = [t.reshape(-1) for t in group.tensors]
     flat_out = out.view(-1)
-    buffer = torch.empty(chunks.span_size(first.numel()), dtype=dtype, device=first.device)
-    for start, stop in chunks.spans(first.numel()):
+    size = chunks.span_size(first.numel(), device=first.device)
+    buffer = torch.empty(size, dtype=dtype, device=first.device)
+    for start, stop in chunks.spans(first.numel(), device=first.device):
         result = buffer[: stop - start].zero_()
         for tensor, weight in zip(flat, weights, strict=True):
             result.addcmul_(tensor[start:stop], weight)

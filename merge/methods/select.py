@@ -11,32 +11,48 @@ from __future__ import annotations
 
 import torch
 
+# Bits counted per pass. On a GPU, 8-bit digits (two passes for 16-bit floats) and counting by
+# index_add_ instead of bincount measured no faster on an H200 (benchmarks/gpu_check.py
+# --profile): there the selection waits for the device a few times per tensor either way.
+DIGIT = 16
+
 
 def _keys(magnitudes: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The bit patterns as integers, and how many low bits can be set (the sign bit is 0)."""
     if magnitudes.dtype in (torch.bfloat16, torch.float16):
-        return magnitudes.view(torch.int16), 16
+        return magnitudes.view(torch.int16), 15
     if magnitudes.dtype == torch.float32:
-        return magnitudes.view(torch.int32), 32
+        return magnitudes.view(torch.int32), 31
     raise TypeError(magnitudes.dtype)
 
 
 def _first_reaching(counts: torch.Tensor, m: int) -> tuple[int, int, int]:
     """The first bin where the running count reaches m, with the counts before and in it."""
-    cumulative = counts.cumsum(0)
-    index = int(torch.searchsorted(cumulative, torch.tensor([m], device=counts.device)))
+    cumulative = counts.cpu().cumsum(0)  # one small copy from a GPU, then no more waits
+    index = int(torch.searchsorted(cumulative, torch.tensor([m])))
     before = int(cumulative[index - 1]) if index else 0
     return index, before, int(cumulative[index]) - before
 
 
 def _mth_smallest_key(keys: torch.Tensor, bits: int, m: int) -> tuple[int, int, int]:
-    """The key of the m-th smallest entry, how many keys are smaller, and how many equal it."""
-    if bits == 16:
-        return _first_reaching(torch.bincount(keys, minlength=1 << 15), m)
-    high = keys >> 16
-    h, below_high, _ = _first_reaching(torch.bincount(high, minlength=1 << 15), m)
-    low = keys[high == h] & 0xFFFF
-    key, below, ties = _first_reaching(torch.bincount(low, minlength=1 << 16), m - below_high)
-    return (h << 16) | key, below_high + below, ties
+    """The key of the m-th smallest entry, how many keys are smaller, and how many equal it:
+    radix selection, the most significant digit first, each pass counting the entries that
+    share the digits found so far."""
+    key = below = 0
+    candidates, shift = keys, bits
+    while True:
+        width = min(DIGIT, shift)
+        shift -= width
+        digits = candidates >> shift if shift else candidates
+        if shift + width < bits:
+            digits = digits & ((1 << width) - 1)
+        value, before, ties = _first_reaching(torch.bincount(digits, minlength=1 << width), m)
+        key |= value << shift
+        below += before
+        m -= before
+        if not shift:
+            return key, below, ties
+        candidates = candidates[digits == value]
 
 
 def _with_ties(strict: torch.Tensor, keys: torch.Tensor, cut: int, need: int, ties: int):

@@ -15,15 +15,15 @@ from evomerge.merge.methods.select import largest, smallest
 
 
 def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7):
-    """Apply mask; with rescale, restore the L1 norm the tensor had before masking."""
+    """Apply mask; with rescale, restore the L1 norm the tensor had before masking (unless
+    either norm is below eps). The factor is chosen on the device, not by asking the host
+    (which would wait for a GPU); x * 1 is x, so this is the branch's result bit for bit."""
     masked = tensor * mask
     if not rescale:
         return masked
     before = tensor.abs().sum()
     after = masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+    return masked.mul_(torch.where((before < eps) | (after < eps), 1, before / after))
 
 
 def _sort_keys(tensor: torch.Tensor) -> torch.Tensor:

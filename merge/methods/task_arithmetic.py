@@ -72,7 +72,7 @@ def merge_deltas(
                 shared.get("selection", "mergekit"),
             )
         deltas = sparse
-    weights = torch.tensor([p["weight"] for p in params], dtype=deltas.dtype, device=deltas.device)
+    weights = chunks.constants(tuple(p["weight"] for p in params), deltas.dtype, deltas.device)
     if out is None or not out.is_contiguous():
         result = torch.empty_like(base, memory_format=torch.contiguous_format)
         _combine(base, deltas, weights, shared, consensus, result)
@@ -95,7 +95,7 @@ def _combine(
     flat_base, flat_out = base.reshape(-1), out.view(-1)
     flat_deltas = deltas.reshape(n, -1)
     column = weights.reshape(n, 1)
-    size = chunks.span_size(flat_base.numel(), chunks.LONG)
+    size = chunks.span_size(flat_base.numel(), chunks.LONG, base.device)
     weighted_buf = deltas.new_empty((n, size))
     mixed_buf = base.new_empty(size)
     if consensus:
@@ -105,10 +105,10 @@ def _combine(
         positive_buf = torch.empty(size, dtype=torch.bool, device=base.device)
         kept_buf = torch.empty_like(weighted_buf)  # the mask as 0/1 in the dtype (see below)
         divisor_buf = torch.empty_like(mixed_buf)
-    else:
+    elif shared["normalize"]:
         divisor = weights.sum(dim=0, keepdim=True)
         divisor[divisor.abs() < 1e-8] = 1
-    for start, stop in chunks.spans(flat_base.numel(), chunks.LONG):
+    for start, stop in chunks.spans(flat_base.numel(), chunks.LONG, base.device):
         m = stop - start
         weighted, mixed = weighted_buf[:, :m], mixed_buf[:m]
         torch.mul(flat_deltas[:, start:stop], column, out=weighted)
