@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.methods import MergeMethod, ParamSpec, Scope, chunks, register
+from evomerge.merge.methods import MergeMethod, ParamSpec, Scope, chunks, fused, register
 
 
 def _linear(group, shared, per_input, generators):
@@ -19,8 +19,13 @@ def _linear_into(group, shared, per_input, generators, out: torch.Tensor) -> tor
     first = group.tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     values = tuple(p["weight"] for p in per_input)
+    summed = torch.tensor(values, dtype=dtype).sum().item()
+    if dtype == torch.float32:  # float32 weights, as the eager path rounds them
+        rounded = torch.tensor(values, dtype=dtype).tolist()
+        if fused.linear(group.tensors, tuple(rounded), shared["normalize"], summed, out):
+            return out
     weights = chunks.constants(values, dtype, first.device)
-    total = chunks.constants((torch.tensor(values, dtype=dtype).sum().item(),), dtype, first.device)
+    total = chunks.constants((summed,), dtype, first.device)
     flat = [t.reshape(-1) for t in group.tensors]
     flat_out = out.view(-1)
     size = chunks.span_size(first.numel(), device=first.device)

@@ -17,6 +17,7 @@ from evomerge.merge.methods import (
     Scope,
     TensorGroup,
     chunks,
+    fused,
     register,
 )
 from evomerge.merge.methods import sparsify as sp
@@ -90,7 +91,10 @@ def _combine(
     out: torch.Tensor,
 ) -> None:
     """out = base + lambda * sum_i(w_i * delta_i [agreeing with the elected sign]) / divisor,
-    mergekit's steps in its dtype, a span at a time (chunks.py)."""
+    mergekit's steps in its dtype, a span at a time (chunks.py); on a CPU in one fused pass
+    (fused.py) when it can, which is the same bit for bit."""
+    if fused.combine(base, deltas, weights, shared, consensus, out):
+        return
     n = deltas.shape[0]
     flat_base, flat_out = base.reshape(-1), out.view(-1)
     flat_deltas = deltas.reshape(n, -1)
