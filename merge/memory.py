@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evomerge.merge.methods import chunks
+from evomerge.merge.methods import chunks, fused
 from evomerge.merge.methods.task_arithmetic import span_bytes
 from evomerge.merge.plan import MergePlan, TensorTask
 
@@ -31,6 +31,15 @@ WORKSPACE: dict[str, dict[int, tuple[float, float]]] = {
     "dare_ties": {4: (-1, 3.25), 2: (-1, 3.5)},
     "breadcrumbs_ties": {4: (-1, 3.25), 2: (5, 2)},
     "della": {4: (1, 3), 2: (3, 3)},
+}
+# With the fused combine (a CPU, bfloat16 or float32: methods/fused.py) a sparsifying method's
+# peak is its sparsification's, the same with or without sign election: by sparsification,
+# measured likewise (peak of merge_deltas on 1024 x 1024 tensors, k = 2, 3, 4).
+WORKSPACE_FUSED: dict[str, dict[int, tuple[float, float]]] = {
+    "random": {4: (3, 1), 2: (3, 1)},
+    "magnitude": {4: (4, 1), 2: (8, 1)},
+    "magnitude_outliers": {4: (4, 1), 2: (8, 1)},
+    "della_magprune": {4: (7, 1), 2: (9, 1)},
 }
 WORKSPACE_OTHER = (2, 2)
 # Evaluation: one batch of `batch` sequences of `length` tokens, no gradients. Per token, the
@@ -102,15 +111,35 @@ def _workspace(
     # Linear and task-vector sums write straight into a model parameter of their dtype; into
     # another dtype, through a full-size result.
     result = 0 if model == task.compute_dtype == task.out_dtype else numel * size
+    # On a CPU, fused.c does linear merges and task-vector sums with no torch buffers at all.
+    fused_here = (
+        device.type == "cpu"
+        and task.compute_dtype in (torch.bfloat16, torch.float32)
+        and k - 1 <= fused.MAX_MODELS
+        and fused.library() is not None
+    )
     if name == "linear":
         accumulator = 8 if size == 8 else 4  # float32 (float64 for float64 inputs)
-        return result + chunks.span_size(numel, device=device) * accumulator
+        return result + (0 if fused_here else chunks.span_size(numel, device=device) * accumulator)
     if deltas:
         span = chunks.span_size(numel, chunks.LONG, device)
-        combine = result + span * span_bytes(k - 1, size, extras["consensus"])
-        if extras["sparsification"] is None:
+        buffers = span * span_bytes(k - 1, size, extras["consensus"])
+        combine = result + (0 if fused_here else buffers)
+        kind = extras["sparsification"]
+        if kind is None:
             return combine
-        a, b = WORKSPACE.get(name, {}).get(size, WORKSPACE_OTHER)
+        selected_inside = (  # TIES' fast selection happens inside the fused combine
+            fused_here
+            and kind == "magnitude"
+            and extras["consensus"]
+            and task.compute_dtype == torch.bfloat16
+            and task.shared.get("selection") == "fast"
+            and not task.shared.get("rescale")
+        )
+        if selected_inside:
+            return combine
+        table = WORKSPACE_FUSED.get(kind, {}) if fused_here else WORKSPACE.get(name, {})
+        a, b = table.get(size, WORKSPACE_OTHER)
         sparse = (k - 1) * numel * size
         return max(int((a + b * k) * numel * size), sparse + combine)
     a, b = WORKSPACE.get(name, {}).get(size, WORKSPACE_OTHER)

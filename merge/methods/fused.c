@@ -71,8 +71,9 @@ static inline void plain(const void *base, const void *deltas, int64_t stride, i
 
 static inline void combine(const void *base, const void *deltas, int64_t stride, int64_t numel,
                            int models, const float *weights, int consensus, int normalize,
-                           float divisor_all, int scale, float lambda_, void *out, int bf16) {
-    if (!consensus && !normalize && !scale && models <= 4) {
+                           float divisor_all, int scale, float lambda_, void *out,
+                           const int32_t *cuts, const int64_t *limits, int64_t offset, int bf16) {
+    if (!consensus && !normalize && !scale && models <= 4 && !cuts) {
         switch (models) { /* a constant each, so each call is unrolled */
         case 1: plain(base, deltas, stride, numel, 1, weights, out, bf16); return;
         case 2: plain(base, deltas, stride, numel, 2, weights, out, bf16); return;
@@ -88,12 +89,22 @@ static inline void combine(const void *base, const void *deltas, int64_t stride,
         for (int i = 0; i < models; i++) { /* mixed = sum_i w_i * delta_i */
             const char *d = (const char *)deltas + (i * stride + start) * size;
             float w = weights[i], *keep = weighted[i];
-            if (consensus) {
+            if (consensus && cuts && bf16) { /* TIES: magnitude selection (select.py) */
+                const uint16_t *bits = (const uint16_t *)d;
+                int32_t cut = cuts[i];
+                int64_t limit = limits[i] - offset - start; /* ties at the cut before it stay */
+                for (int64_t j = 0; j < m; j++) {
+                    int32_t key = bits[j] & 0x7fff;
+                    float kept = key > cut || (key == cut && j < limit) ? 1.0f : 0.0f;
+                    keep[j] = rnd(load(d, j, 1) * kept * w, 1); /* x * 0/1 is exact */
+                }
+            } else if (consensus) {
                 for (int64_t j = 0; j < m; j++) keep[j] = rnd(load(d, j, bf16) * w, bf16);
-                if (i == 0)
-                    for (int64_t j = 0; j < m; j++) mixed[j] = zero + keep[j];
-                else
-                    for (int64_t j = 0; j < m; j++) mixed[j] += keep[j];
+            }
+            if (consensus && i == 0) {
+                for (int64_t j = 0; j < m; j++) mixed[j] = zero + keep[j];
+            } else if (consensus) {
+                for (int64_t j = 0; j < m; j++) mixed[j] += keep[j];
             } else if (i == 0) {
                 for (int64_t j = 0; j < m; j++) mixed[j] = zero + rnd(load(d, j, bf16) * w, bf16);
             } else {
@@ -141,14 +152,14 @@ static inline void combine(const void *base, const void *deltas, int64_t stride,
 #define EXPORT(NAME, BF16)                                                                       \
     void NAME(const void *base, const void *deltas, int64_t stride, int64_t numel, int models,  \
               const float *weights, int consensus, int normalize, float divisor_all, int scale, \
-              float lambda_, void *out) {                                                        \
+              float lambda_, void *out, const int32_t *cuts, const int64_t *limits,             \
+              int64_t offset) {                                                                  \
         combine(base, deltas, stride, numel, models, weights, consensus, normalize,             \
-                divisor_all, scale, lambda_, out, BF16);                                         \
+                divisor_all, scale, lambda_, out, cuts, limits, offset, BF16);                   \
     }
 EXPORT(combine_bf16, 1)
 EXPORT(combine_f32, 0)
 
-int max_models(void) { return 8; }
 
 /* Linear (methods/linear.py): out = sum_i(w_i * x_i) / total, accumulated in float32 in the order
  * of the inputs as torch's addcmul_ into a float32 buffer does it, rounded once into the output
@@ -189,3 +200,32 @@ static inline void linear(const void *const *inputs, int models, const float *we
     }
 EXPORT_LINEAR(linear_bf16, 1)
 EXPORT_LINEAR(linear_f32, 0)
+
+/* Magnitude selection's counts (select.py): how many entries of x have each 15-bit magnitude
+ * key (the bfloat16 bits without the sign), added into counts[32768]. Two histograms take turns
+ * so that equal neighbours do not wait on each other's increment. */
+void histogram_bf16(const uint16_t *x, int64_t n, int64_t *counts) {
+    static _Thread_local uint32_t h[2][32768];
+    memset(h, 0, sizeof h);
+    int64_t j = 0;
+    for (; j + 1 < n; j += 2) {
+        h[0][x[j] & 0x7fff]++;
+        h[1][x[j + 1] & 0x7fff]++;
+    }
+    if (j < n) h[0][x[j] & 0x7fff]++;
+    for (int k = 0; k < 32768; k++) counts[k] += (int64_t)h[0][k] + h[1][k];
+}
+
+/* The index just past the nth (from 1) entry of x whose magnitude key is `key`, or n. */
+int64_t nth_equal_bf16(const uint16_t *x, int64_t n, int32_t key, int64_t nth) {
+    int64_t seen = 0;
+    for (int64_t start = 0; start < n; start += 4096) {
+        int64_t m = n - start < 4096 ? n - start : 4096, here = 0;
+        for (int64_t j = 0; j < m; j++) here += (x[start + j] & 0x7fff) == key;
+        if (seen + here >= nth)
+            for (int64_t j = 0; j < m; j++)
+                if ((x[start + j] & 0x7fff) == key && ++seen == nth) return start + j + 1;
+        seen += here;
+    }
+    return n;
+}

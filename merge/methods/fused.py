@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ FLAGS = (
     "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fPIC", "-shared"
 )  # fmt: skip
 MIN_SPLIT = 1 << 20  # entries per thread below which one thread does the whole tensor
+MAX_MODELS = 8  # task vectors fused.c takes (its buffers)
 _KERNELS = {torch.bfloat16: "combine_bf16", torch.float32: "combine_f32"}
 _LINEAR = {torch.bfloat16: "linear_bf16", torch.float32: "linear_f32"}
 
@@ -81,7 +83,8 @@ def library() -> ctypes.CDLL | None:
         fn.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
             ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_int, ctypes.c_float,
-            ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32),
+            ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
         ]  # fmt: skip
     for name in _LINEAR.values():
         fn = getattr(lib, name)
@@ -91,19 +94,34 @@ def library() -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_int,
         ]  # fmt: skip
-    lib.max_models.restype = ctypes.c_int
+    lib.histogram_bf16.restype = None
+    lib.histogram_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.nth_equal_bf16.restype = ctypes.c_int64
+    lib.nth_equal_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int64]
     return lib
+
+
+def _parts(numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), numel // MIN_SPLIT))
+
+
+def _bounds(numel: int, parts: int) -> list[int]:
+    return [numel * p // parts for p in range(parts + 1)]
+
+
+def _map(fn, items) -> None:
+    items = list(items)
+    if len(items) == 1:
+        fn(items[0])
+        return
+    with ThreadPoolExecutor(len(items)) as pool:
+        list(pool.map(fn, items))
 
 
 def _split(numel: int, run) -> None:
     """run(start, stop) over range(numel), split over torch's intra-op threads."""
-    parts = max(1, min(torch.get_num_threads(), numel // MIN_SPLIT))
-    if parts == 1:
-        run(0, numel)
-        return
-    bounds = [numel * p // parts for p in range(parts + 1)]
-    with ThreadPoolExecutor(parts) as pool:
-        list(pool.map(run, bounds[:-1], bounds[1:]))
+    bounds = _bounds(numel, _parts(numel))
+    _map(lambda p: run(bounds[p], bounds[p + 1]), range(len(bounds) - 1))
 
 
 def linear(
@@ -121,6 +139,8 @@ def linear(
             t.dtype == dtype and t.is_contiguous() and t.numel() == out.numel() for t in tensors
         )
     ):
+        return False
+    if library() is None:
         return False
     madd = addcmul_fuses()
     if madd is None:
@@ -144,10 +164,8 @@ def _run_linear(tensors, weights, normalize, total, out, madd: bool) -> None:
 @functools.cache
 def addcmul_fuses() -> bool | None:
     """Whether torch's float32 addcmul_ on this machine rounds each multiply-add once (fused) or
-    twice, found by running both kernels on values where the two differ; None when the kernels
-    are not built or neither matches torch (then linear merges run eagerly)."""
-    if library() is None:
-        return None
+    twice, found by running both kernels on values where the two differ; None when neither
+    matches torch (then linear merges run eagerly). Asked only once the kernels are built."""
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(4099, generator=generator) for _ in range(3)]
     weights = (0.3, -0.7, 1.3)
@@ -162,6 +180,85 @@ def addcmul_fuses() -> bool | None:
     return None
 
 
+def usable(base: torch.Tensor, deltas: torch.Tensor) -> bool:
+    """The combine kernel takes these inputs (into a contiguous output of their dtype)."""
+    return (
+        base.device.type == "cpu"
+        and base.dtype in _KERNELS
+        and deltas.dtype == base.dtype
+        and base.is_contiguous()
+        and deltas.is_contiguous()
+        and 0 < deltas.shape[0] <= MAX_MODELS
+        and deltas[0].numel() == base.numel()
+        and library() is not None
+    )
+
+
+Cuts = tuple[list[int], list[int]]  # per task vector: the cut key, and the index ties stop at
+# id(stacked task vectors) -> (their version, per task vector: the magnitude keys present and
+# their running counts). A search's resident task vectors do not change between candidates, so
+# their histograms are counted once; an entry goes when its tensor does (weakref.finalize), and
+# an in-place change (a new version) counts again.
+_COUNTS: dict[int, tuple[int, list[tuple[torch.Tensor, torch.Tensor] | None]]] = {}
+
+
+def _magnitude_counts(deltas: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 15-bit magnitude keys of task vector i that occur, ascending, and the running count
+    of entries up to each (select.py's histogram without its empty bins)."""
+    entry = _COUNTS.get(id(deltas))
+    if entry is None or entry[0] != deltas._version:
+        if entry is None:
+            weakref.finalize(deltas, _COUNTS.pop, id(deltas), None)
+        entry = _COUNTS[id(deltas)] = (deltas._version, [None] * deltas.shape[0])
+    if entry[1][i] is None:
+        delta, n, lib = deltas[i], deltas[i].numel(), library()
+        parts = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(_parts(n))]
+        bounds = _bounds(n, len(parts))
+
+        def count(p: int) -> None:
+            start, size = bounds[p], bounds[p + 1] - bounds[p]
+            lib.histogram_bf16(delta.data_ptr() + 2 * start, size, parts[p].data_ptr())
+
+        _map(count, range(len(parts)))
+        counts = sum(parts)
+        present = counts.nonzero().squeeze(1)
+        entry[1][i] = (present, counts[present].cumsum(0))
+    return entry[1][i]
+
+
+
+def magnitude_cuts(deltas: torch.Tensor, densities: list[float]) -> Cuts | None:
+    """TIES' magnitude selection with `selection: fast` (sparsify.magnitude, select.largest) as
+    what fused.c needs to apply it while combining: per task vector, the magnitude key at the
+    cut and the index before which entries at the cut are kept. bfloat16 only; None where the
+    eager path must sparsify (another dtype, a density of 0 or below, which gives +0 zeros)."""
+    if deltas.dtype != torch.bfloat16 or any(d <= 0 for d in densities):
+        return None
+    lib = library()
+    n = deltas[0].numel()
+    cut_keys, limits = [], []
+    for i, (delta, density) in enumerate(zip(deltas, densities, strict=True)):
+        k = max(1, int(density * n))
+        if density >= 1 or k >= n:
+            cut_keys.append(-1)  # every key is above
+            limits.append(0)
+            continue
+        keys, cumulative = _magnitude_counts(deltas, i)
+        index = int(torch.searchsorted(cumulative, torch.tensor([n - k + 1])))
+        cut = int(keys[index])
+        below = int(cumulative[index - 1]) if index else 0
+        ties = int(cumulative[index]) - below
+        need = k - (n - below - ties)  # how many entries at the cut are kept, in index order
+        cut_keys.append(cut)
+        if need == 0:
+            limits.append(0)
+        elif need == ties:
+            limits.append(n)
+        else:
+            limits.append(lib.nth_equal_bf16(delta.data_ptr(), n, cut, need))
+    return cut_keys, limits
+
+
 def combine(
     base: torch.Tensor,
     deltas: torch.Tensor,
@@ -169,27 +266,25 @@ def combine(
     shared: dict[str, Any],
     consensus: bool,
     out: torch.Tensor,
+    cuts: Cuts | None = None,
 ) -> bool:
-    """`_combine` in fused.c, if it applies (CPU, bfloat16 or float32, contiguous, at most 8
-    task vectors) and the kernels are built; False leaves `out` untouched for the eager path."""
-    dtype = base.dtype
-    models = deltas.shape[0]
+    """`_combine` in fused.c, if it applies (`usable`, a contiguous output of the dtype), after
+    the magnitude selection `cuts` when given; False leaves `out` untouched for the eager path."""
     if not (
-        base.device.type == "cpu"
-        and dtype in _KERNELS
-        and deltas.dtype == out.dtype == weights.dtype == dtype
-        and base.is_contiguous()
-        and deltas.is_contiguous()
+        usable(base, deltas)
+        and out.dtype == weights.dtype == base.dtype
         and out.is_contiguous()
-        and models > 0
-        and base.numel() == out.numel() == deltas[0].numel()
+        and out.numel() == base.numel()
+        and (cuts is None or (consensus and base.dtype == torch.bfloat16))
     ):
         return False
-    lib = library()
-    if lib is None or models > lib.max_models():
-        return False
-    kernel = getattr(lib, _KERNELS[dtype])
+    models = deltas.shape[0]
+    kernel = getattr(library(), _KERNELS[base.dtype])
     values = (ctypes.c_float * models)(*weights.float().tolist())
+    keys = limits = None
+    if cuts is not None:
+        keys = (ctypes.c_int32 * models)(*cuts[0])
+        limits = (ctypes.c_int64 * models)(*cuts[1])
     divisor = 1.0
     if shared["normalize"] and not consensus:
         total = weights.sum(dim=0)  # as the eager path rounds it
@@ -202,7 +297,7 @@ def combine(
         kernel(
             base.data_ptr() + offset, deltas.data_ptr() + offset, numel, stop - start, models,
             values, int(consensus), int(bool(shared["normalize"])), divisor, int(lam != 1),
-            lam, out.data_ptr() + offset,
+            lam, out.data_ptr() + offset, keys, limits, start,
         )  # fmt: skip
 
     _split(numel, run)

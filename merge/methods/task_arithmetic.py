@@ -59,27 +59,44 @@ def merge_deltas(
     """Merge stacked task vectors `deltas[i] = model_i - base` into the base.
 
     `deltas` is not modified, so the in-memory merger can keep it resident across candidates.
+    On a CPU the combine runs fused (fused.py) where it can, TIES' fast magnitude selection
+    inside it; the result is the eager path's bit for bit.
     """
-    if sparsification is not None:
-        sparse = torch.empty_like(deltas)
-        for i, delta in enumerate(deltas):
-            generator = generators(i) if generators is not None else None
-            sparse[i] = sparsify(
-                sparsification,
-                delta,
-                params[i],
-                shared["rescale"],
-                generator,
-                shared.get("selection", "mergekit"),
-            )
-        deltas = sparse
     weights = chunks.constants(tuple(p["weight"] for p in params), deltas.dtype, deltas.device)
+    target = out
     if out is None or not out.is_contiguous():
-        result = torch.empty_like(base, memory_format=torch.contiguous_format)
-        _combine(base, deltas, weights, shared, consensus, result)
-        return result if out is None else out.copy_(result)
-    _combine(base, deltas, weights, shared, consensus, out)
-    return out
+        target = torch.empty_like(base, memory_format=torch.contiguous_format)
+    cuts = None
+    if (
+        sparsification == "magnitude"
+        and shared.get("selection") == "fast"
+        and not shared["rescale"]
+        and consensus
+        and fused.usable(base, deltas)
+    ):
+        cuts = fused.magnitude_cuts(deltas, [p["density"] for p in params])
+    selected = cuts is not None and fused.combine(
+        base, deltas, weights, shared, consensus, target, cuts
+    )
+    if not selected:
+        if sparsification is not None:
+            deltas = _sparsified(deltas, shared, params, generators, sparsification)
+        if not fused.combine(base, deltas, weights, shared, consensus, target):
+            _combine(base, deltas, weights, shared, consensus, target)
+    if out is None:
+        return target
+    return out if target is out else out.copy_(target)
+
+
+def _sparsified(deltas, shared, params, generators, sparsification) -> torch.Tensor:
+    sparse = torch.empty_like(deltas)
+    for i, delta in enumerate(deltas):
+        generator = generators(i) if generators is not None else None
+        selection = shared.get("selection", "mergekit")
+        sparse[i] = sparsify(
+            sparsification, delta, params[i], shared["rescale"], generator, selection
+        )
+    return sparse
 
 
 def _combine(
@@ -91,10 +108,7 @@ def _combine(
     out: torch.Tensor,
 ) -> None:
     """out = base + lambda * sum_i(w_i * delta_i [agreeing with the elected sign]) / divisor,
-    mergekit's steps in its dtype, a span at a time (chunks.py); on a CPU in one fused pass
-    (fused.py) when it can, which is the same bit for bit."""
-    if fused.combine(base, deltas, weights, shared, consensus, out):
-        return
+    mergekit's steps in its dtype, a span at a time (chunks.py); fused.c does the same."""
     n = deltas.shape[0]
     flat_base, flat_out = base.reshape(-1), out.view(-1)
     flat_deltas = deltas.reshape(n, -1)

@@ -1,0 +1,157 @@
+"""The fused CPU kernels (merge/methods/fused.c) against the eager torch path they replace: the
+same bits for every dtype, model count and option, signed zeros, subnormals and ties at the TIES
+cut included; split over threads; and the eager path where they cannot be built."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from evomerge.merge.methods import TensorGroup, fused
+from evomerge.merge.methods import linear as linear_method
+from evomerge.merge.methods import task_arithmetic as ta
+
+pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler here")
+WEIGHTS = (0.6, -0.4, 0.3, 1.1, 0.05)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def awkward(shape, dtype, generator, scale=0.002) -> torch.Tensor:
+    """Random values with +0, -0, subnormals and many equal magnitudes."""
+    t = torch.randn(shape, generator=generator) * scale
+    flat = t.view(-1)
+    flat[::13], flat[5::17], flat[7::23] = 0.0, -0.0, flat[7::23] * 1e-36
+    flat[::7] = flat[3]
+    return t.to(dtype)
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Runs a callable with the fused kernels switched off."""
+
+    def run(fn):
+        with monkeypatch.context() as m:
+            m.setattr(fused, "library", lambda: None)
+            return fn()
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+def test_the_combine_is_the_eager_one_bit_for_bit(dtype, models):
+    generator = torch.Generator().manual_seed(models)
+    base = awkward(100_003, dtype, generator, 0.02)
+    deltas = awkward((models, 100_003), dtype, generator)
+    weights = torch.tensor(WEIGHTS[:models], dtype=dtype)
+    for consensus, normalize, lam in itertools.product([False, True], [False, True], [1.0, 0.7]):
+        shared = {"normalize": normalize, "lambda": lam}
+        expected = torch.empty_like(base)
+        ta._combine(base, deltas, weights, shared, consensus, expected)  # the eager steps
+        got = torch.empty_like(base)
+        assert fused.combine(base, deltas, weights, shared, consensus, got)
+        assert torch.equal(bits(got), bits(expected)), (consensus, normalize, lam)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("models", [1, 2, 4])
+def test_linear_is_the_eager_one_bit_for_bit(dtype, models, eager):
+    generator = torch.Generator().manual_seed(models)
+    tensors = [awkward(200_003, dtype, generator, 0.02) for _ in range(models)]
+    group = TensorGroup(tensors, None, "w")
+    per_input = [{"weight": w} for w in (0.6, 0.4, -0.3, 1.7)[:models]]
+    for normalize in (True, False):
+        shared = {"normalize": normalize}
+        expected = eager(lambda s=shared: linear_method._linear(group, s, per_input, None))
+        got = linear_method._linear(group, shared, per_input, None)
+        assert torch.equal(bits(got), bits(expected)), normalize
+
+
+def ties(base, deltas, densities, normalize=True, lam=1.0):
+    params = [{"weight": w, "density": d} for w, d in zip(WEIGHTS, densities, strict=False)]
+    shared = {"normalize": normalize, "lambda": lam, "rescale": False, "selection": "fast"}
+    return ta.merge_deltas(
+        base, deltas, shared, params, None, sparsification="magnitude", consensus=True
+    )
+
+
+@pytest.mark.parametrize("numel", [7, 1000, 300_007])
+@pytest.mark.parametrize(
+    "densities", [(0.5, 0.3, 0.9), (1.0, 0.2, 0.5), (0.01, 0.99, 0.5), (1e-9, 0.5, 0.0)]
+)
+def test_ties_fast_selection_inside_the_combine_is_the_eager_one(numel, densities, eager):
+    """Every cut: all kept, none but one, ties at the cut split by index; a density of 0 (eager
+    zeros) falls back."""
+    generator = torch.Generator().manual_seed(numel)
+    base = awkward(numel, torch.bfloat16, generator, 0.02)
+    for models in (1, 2, 3):
+        deltas = awkward((models, numel), torch.bfloat16, generator)
+        chosen = densities[:models]
+        expected = eager(lambda d=deltas, c=chosen: ties(base, d, c))
+        assert (fused.magnitude_cuts(deltas, list(chosen)) is None) == (0.0 in chosen)
+        assert torch.equal(bits(ties(base, deltas, chosen)), bits(expected)), (models, chosen)
+
+
+def test_equal_magnitudes_at_the_cut_are_kept_in_index_order(eager):
+    """Every magnitude equal: the cut splits the ties, and the first k entries are kept."""
+    generator = torch.Generator().manual_seed(3)
+    signs = torch.randint(0, 2, (2, 10_000), generator=generator) * 2 - 1
+    deltas = (signs * 0.01).to(torch.bfloat16)
+    deltas[1, :5000] = 0.02  # the second model's cut falls on the 0.01s
+    base = torch.zeros(10_000, dtype=torch.bfloat16)
+    for densities in [(0.3, 0.7), (0.5001, 0.5), (0.9999, 0.6)]:
+        expected = eager(lambda d=densities: ties(base, deltas, d))
+        assert torch.equal(bits(ties(base, deltas, densities)), bits(expected)), densities
+
+
+def test_split_over_threads_is_the_same(monkeypatch, eager):
+    monkeypatch.setattr(fused, "MIN_SPLIT", 1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        base = awkward(10_007, torch.bfloat16, generator, 0.02)
+        deltas = awkward((2, 10_007), torch.bfloat16, generator)
+        assert fused._parts(10_007) == 3
+        expected = eager(lambda: ties(base, deltas, (0.4, 0.6)))
+        assert torch.equal(bits(ties(base, deltas, (0.4, 0.6))), bits(expected))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_counts_of_resident_task_vectors_are_kept_until_they_change(eager):
+    generator = torch.Generator().manual_seed(1)
+    base = awkward(5000, torch.bfloat16, generator, 0.02)
+    deltas = awkward((2, 5000), torch.bfloat16, generator)
+    ties(base, deltas, (0.4, 0.6))
+    assert id(deltas) in fused._COUNTS
+    deltas[0].mul_(3)  # in place: a new version, counted again
+    expected = eager(lambda d=deltas: ties(base, d, (0.4, 0.6)))
+    assert torch.equal(bits(ties(base, deltas, (0.4, 0.6))), bits(expected))
+    key = id(deltas)
+    del deltas
+    assert key not in fused._COUNTS
+
+
+def test_without_a_compiler_the_eager_path_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    fused.library.cache_clear()
+    try:
+        assert fused.library() is None
+        base = torch.zeros(4, dtype=torch.bfloat16)
+        deltas = torch.ones((2, 4), dtype=torch.bfloat16)
+        weights = torch.tensor([0.5, 0.5], dtype=torch.bfloat16)
+        shared = {"normalize": False, "lambda": 1.0}
+        assert not fused.combine(base, deltas, weights, shared, False, torch.empty_like(base))
+        out = ta.merge_deltas(base, deltas, shared, [{"weight": 0.5}] * 2, None,
+                              sparsification=None, consensus=False)  # fmt: skip
+        assert out.tolist() == [1.0] * 4
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        fused.library.cache_clear()
