@@ -36,7 +36,7 @@ WORKSPACE: dict[str, dict[int, tuple[float, float]]] = {
 # peak is its sparsification's, the same with or without sign election: by sparsification,
 # measured likewise (peak of merge_deltas on 1024 x 1024 tensors, k = 2, 3, 4).
 WORKSPACE_FUSED: dict[str, dict[int, tuple[float, float]]] = {
-    "random": {4: (3, 1), 2: (3, 1)},
+    "random": {4: (1, 1), 2: (1, 1)},  # fused.c draws the mask (fused.bernoulli_matches)
     "magnitude": {4: (4, 1), 2: (8, 1)},
     "magnitude_outliers": {4: (4, 1), 2: (8, 1)},
     "della_magprune": {4: (7, 1), 2: (9, 1)},
@@ -138,6 +138,8 @@ def _workspace(
         )
         if selected_inside:
             return combine
+        if kind == "random" and fused_here and not fused.bernoulli_matches():
+            fused_here = False  # torch draws DARE's masks: probabilities and mask allocated
         table = WORKSPACE_FUSED.get(kind, {}) if fused_here else WORKSPACE.get(name, {})
         a, b = table.get(size, WORKSPACE_OTHER)
         sparse = (k - 1) * numel * size

@@ -155,3 +155,30 @@ def test_without_a_compiler_the_eager_path_runs(monkeypatch, tmp_path):
         assert not list(tmp_path.rglob("*.so"))
     finally:
         fused.library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dare_masks_are_torch_bernoulli_draws(dtype, eager):
+    """fused.c's MT19937 draws equal torch.bernoulli's from the same seed: every density, sizes
+    across the generator's 624-draw refills, seeds past 32 bits; rescaled or not."""
+    from evomerge.merge.methods import sparsify
+
+    generator = torch.Generator().manual_seed(5)
+    cases = [(623, 0.3, 1, True), (100_003, 0.5, 2**40 + 7, True), (1249, 0.9, 12, False),
+             (5000, 0.0, 3, True)]  # fmt: skip
+    for numel, density, seed, rescale in cases:
+        tensor = awkward((numel,), dtype, generator)
+
+        def draw(t=tensor, d=density, s=seed, r=rescale):
+            return sparsify.bernoulli(t, d, r, torch.Generator().manual_seed(s))
+
+        expected = eager(draw)
+        assert fused.dare_masked(tensor, density, torch.Generator().manual_seed(seed)) is not None
+        got = draw()
+        assert torch.equal(bits(got), bits(expected)), (numel, density, seed)
+
+
+def test_a_generator_already_drawn_from_is_left_to_torch():
+    generator = torch.Generator().manual_seed(9)
+    torch.rand(3, generator=generator)
+    assert fused.dare_masked(torch.ones(10, dtype=torch.bfloat16), 0.5, generator) is None

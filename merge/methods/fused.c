@@ -229,3 +229,59 @@ int64_t nth_equal_bf16(const uint16_t *x, int64_t n, int32_t key, int64_t nth) {
     }
     return n;
 }
+
+/* DARE's mask (sparsify.bernoulli) as torch's CPU generator draws it: torch.bernoulli(probs,
+ * generator) runs MT19937 seeded with the low 32 bits of the seed and, entry by entry in index
+ * order, keeps the entry when (next 32-bit draw & 0xffffff) * 2^-24 < p (p: the probability in
+ * the tensor's dtype, as a float). Writes x * keep (x or a signed zero) to `masked`. fused.py
+ * checks these masks against torch.bernoulli once before using them. */
+#define MT_N 624
+#define MT_M 397
+
+static void mt_twist(uint32_t *s) {
+    int i = 0;
+    for (; i < MT_N - MT_M; i++) {
+        uint32_t y = (s[i] & 0x80000000u) | (s[i + 1] & 0x7fffffffu);
+        s[i] = s[i + MT_M] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+    }
+    for (; i < MT_N - 1; i++) {
+        uint32_t y = (s[i] & 0x80000000u) | (s[i + 1] & 0x7fffffffu);
+        s[i] = s[i + MT_M - MT_N] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+    }
+    uint32_t y = (s[MT_N - 1] & 0x80000000u) | (s[0] & 0x7fffffffu);
+    s[MT_N - 1] = s[MT_M - 1] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+}
+
+static inline void dare_mask(const void *x, int64_t n, uint64_t seed, float p, void *masked,
+                             int bf16) {
+    uint32_t s[MT_N];
+    float keep[MT_N];
+    s[0] = (uint32_t)seed;
+    for (int j = 1; j < MT_N; j++) s[j] = 1812433253u * (s[j - 1] ^ (s[j - 1] >> 30)) + (uint32_t)j;
+    for (int64_t start = 0; start < n; start += MT_N) {
+        int64_t m = n - start < MT_N ? n - start : MT_N;
+        mt_twist(s);
+        for (int j = 0; j < MT_N; j++) {
+            uint32_t y = s[j];
+            y ^= y >> 11;
+            y ^= (y << 7) & 0x9d2c5680u;
+            y ^= (y << 15) & 0xefc60000u;
+            y ^= y >> 18;
+            keep[j] = (float)(y & 0xffffffu) * (1.0f / 16777216.0f) < p ? 1.0f : 0.0f;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            float v = load(x, start + j, bf16) * keep[j];
+            if (bf16)
+                ((uint16_t *)masked)[start + j] = f32_to_bf16(v);
+            else
+                ((float *)masked)[start + j] = v;
+        }
+    }
+}
+
+void dare_mask_bf16(const void *x, int64_t n, uint64_t seed, float p, void *masked) {
+    dare_mask(x, n, seed, p, masked, 1);
+}
+void dare_mask_f32(const void *x, int64_t n, uint64_t seed, float p, void *masked) {
+    dare_mask(x, n, seed, p, masked, 0);
+}

@@ -29,10 +29,11 @@ SOURCE = Path(__file__).with_name("fused.c")
 FLAGS = (
     "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fPIC", "-shared"
 )  # fmt: skip
-MIN_SPLIT = 1 << 20  # entries per thread below which one thread does the whole tensor
+MIN_SPLIT = 1 << 18  # entries per thread below which one thread does the whole tensor
 MAX_MODELS = 8  # task vectors fused.c takes (its buffers)
 _KERNELS = {torch.bfloat16: "combine_bf16", torch.float32: "combine_f32"}
 _LINEAR = {torch.bfloat16: "linear_bf16", torch.float32: "linear_f32"}
+_DARE = {torch.bfloat16: "dare_mask_bf16", torch.float32: "dare_mask_f32"}
 
 
 def _cpu_flags() -> str:
@@ -94,6 +95,11 @@ def library() -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_int,
         ]  # fmt: skip
+    for name in _DARE.values():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float,
+                       ctypes.c_void_p]  # fmt: skip
     lib.histogram_bf16.restype = None
     lib.histogram_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.nth_equal_bf16.restype = ctypes.c_int64
@@ -109,13 +115,18 @@ def _bounds(numel: int, parts: int) -> list[int]:
     return [numel * p // parts for p in range(parts + 1)]
 
 
+@functools.cache
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per process (a forked child has none of its parent's threads)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="evomerge-fused")
+
+
 def _map(fn, items) -> None:
     items = list(items)
     if len(items) == 1:
         fn(items[0])
         return
-    with ThreadPoolExecutor(len(items)) as pool:
-        list(pool.map(fn, items))
+    list(_pool(len(items), os.getpid()).map(fn, items))
 
 
 def _split(numel: int, run) -> None:
@@ -301,4 +312,48 @@ def combine(
         )  # fmt: skip
 
     _split(numel, run)
+    return True
+
+
+def dare_masked(
+    tensor: torch.Tensor, density: float, generator: torch.Generator
+) -> torch.Tensor | None:
+    """`tensor * torch.bernoulli(full_like(tensor, density), generator)` (sparsify.bernoulli's
+    mask, applied) in fused.c: the same draws from the same fresh generator, without the
+    probability and mask tensors. None where it does not apply (not a CPU tensor of bfloat16 or
+    float32, a generator already drawn from, or torch's draws on this machine differ from
+    fused.c's: checked once)."""
+    if not (
+        tensor.device.type == "cpu"
+        and tensor.dtype in _DARE
+        and tensor.is_contiguous()
+        and generator.device.type == "cpu"
+        and library() is not None
+        and bernoulli_matches()
+    ):
+        return None
+    seed = generator.initial_seed()
+    if not torch.equal(generator.get_state(), torch.Generator().manual_seed(seed).get_state()):
+        return None  # drawn from already: its stream no longer starts at the seed
+    return _dare(tensor, density, seed)
+
+
+def _dare(tensor: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    p = float(torch.tensor(density, dtype=tensor.dtype))  # the probability in the dtype
+    masked = torch.empty_like(tensor)
+    getattr(library(), _DARE[tensor.dtype])(tensor.data_ptr(), tensor.numel(), seed, p,
+                                            masked.data_ptr())  # fmt: skip
+    return masked
+
+
+@functools.cache
+def bernoulli_matches() -> bool:
+    """Whether torch.bernoulli on this machine draws what fused.c draws (MT19937, 24-bit
+    uniforms), on a probe of both dtypes; if not, DARE masks come from torch."""
+    for dtype in _DARE:
+        values = torch.randn(5000, generator=torch.Generator().manual_seed(1)).to(dtype)
+        probs = torch.full_like(values, 0.37)
+        mask = torch.bernoulli(probs, generator=torch.Generator().manual_seed(2**40 + 123))
+        if not torch.equal(_dare(values, 0.37, 2**40 + 123), values * mask):
+            return False
     return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.merge.methods import fused
 from evomerge.merge.methods.select import largest, smallest
 
 
@@ -18,7 +19,10 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float
     """Apply mask; with rescale, restore the L1 norm the tensor had before masking (unless
     either norm is below eps). The factor is chosen on the device, not by asking the host
     (which would wait for a GPU); x * 1 is x, so this is the branch's result bit for bit."""
-    masked = tensor * mask
+    return _rescale(tensor, tensor * mask, rescale, eps)
+
+
+def _rescale(tensor: torch.Tensor, masked: torch.Tensor, rescale: bool, eps: float = 1e-7):
     if not rescale:
         return masked
     before = tensor.abs().sum()
@@ -83,9 +87,12 @@ def bernoulli(
     if density >= 1:
         return tensor
     work = _work_dtype(tensor)
-    probs = torch.full_like(tensor, density, dtype=work)
-    mask = torch.bernoulli(probs, generator=generator)
-    return rescaled(tensor.to(work), mask, rescale).to(tensor.dtype)
+    masked = fused.dare_masked(tensor.to(work), density, generator)  # None: draw with torch
+    if masked is None:
+        probs = torch.full_like(tensor, density, dtype=work)
+        mask = torch.bernoulli(probs, generator=generator)
+        return rescaled(tensor.to(work), mask, rescale).to(tensor.dtype)
+    return _rescale(tensor.to(work), masked, rescale).to(tensor.dtype)
 
 
 def della_magprune(
