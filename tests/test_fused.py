@@ -157,6 +157,16 @@ def test_without_a_compiler_the_eager_path_runs(monkeypatch, tmp_path):
         fused.library.cache_clear()
 
 
+def test_an_install_without_the_kernel_source_runs_eagerly(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused, "SOURCE", tmp_path / "fused.c")  # not there
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    fused.library.cache_clear()
+    try:
+        assert fused.library() is None
+    finally:
+        fused.library.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dare_masks_are_torch_bernoulli_draws(dtype, eager):
     """fused.c's MT19937 draws equal torch.bernoulli's from the same seed: every density, sizes
