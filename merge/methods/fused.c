@@ -1,10 +1,12 @@
-/* The task-vector combine of methods/task_arithmetic.py (`_combine`) fused into one pass over
- * each entry, for contiguous CPU tensors. Every step rounds where torch's kernels round, so the
- * result is theirs bit for bit: a bfloat16 op computes in float32 and rounds to nearest even; a
- * sum over the models accumulates in float32 from +0 and rounds once (two models: one add, so
- * -0 + -0 stays -0, as `_sum_models` does). Built with -ffp-contract=off (no
- * fused multiply-adds torch would not make). Blocks of BLOCK entries keep the float32 partial
- * sums in L1, so the compiler vectorizes each loop over entries.
+/* Merge math for contiguous CPU tensors in one pass over the entries (fused.py loads it): the
+ * task-vector combine of methods/task_arithmetic.py (`_combine`), with TIES' fast magnitude
+ * selection (select.py) inside it; linear merges (linear.py); DARE's masks (sparsify.bernoulli).
+ * Every step rounds where torch's kernels round, so the result is theirs bit for bit: a
+ * bfloat16 op computes in float32 and rounds to nearest even; a sum over the models accumulates
+ * in float32 from +0 and rounds once (two models: one add, so -0 + -0 stays -0, as
+ * `_sum_models` does). Built with -ffp-contract=off: no fused multiply-adds torch would not
+ * make. Blocks of BLOCK entries keep float32 partial sums in L1, so each loop over entries
+ * vectorizes.
  *
  *   out = base + lambda * sum_i(w_i * delta_i [agreeing with the elected sign]) / divisor
  */
