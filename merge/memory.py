@@ -128,19 +128,12 @@ def _workspace(
         kind = extras["sparsification"]
         if kind is None:
             return combine
-        selected_inside = (  # TIES' fast selection happens inside the fused combine
-            fused_here
-            and kind == "magnitude"
-            and extras["consensus"]
-            and task.compute_dtype == torch.bfloat16
-            and task.shared.get("selection") == "fast"
-            and not task.shared.get("rescale")
-        )
-        if selected_inside:
-            return combine
-        if kind == "random" and fused_here and not fused.bernoulli_matches():
-            fused_here = False  # torch draws DARE's masks: probabilities and mask allocated
-        table = WORKSPACE_FUSED.get(kind, {}) if fused_here else WORKSPACE.get(name, {})
+        consensus, dtype = extras["consensus"], task.compute_dtype
+        if fused_here and fused.selects_in_combine(kind, consensus, task.shared, dtype):
+            return combine  # no sparsified task vectors
+        # Where torch draws DARE's masks, their probabilities and mask are allocated.
+        fused_sparsify = fused_here and (kind != "random" or fused.bernoulli_matches())
+        table = WORKSPACE_FUSED.get(kind, {}) if fused_sparsify else WORKSPACE.get(name, {})
         a, b = table.get(size, WORKSPACE_OTHER)
         sparse = (k - 1) * numel * size
         return max(int((a + b * k) * numel * size), sparse + combine)

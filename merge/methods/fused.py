@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from evomerge.merge.methods import select
+
 SOURCE = Path(__file__).with_name("fused.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 X86_FLAGS = ("-mprefer-vector-width=512",)  # AVX-512 where there is one: measured faster
@@ -195,6 +197,20 @@ def addcmul_fuses() -> bool | None:
     return None
 
 
+def selects_in_combine(
+    sparsification: str | None, consensus: bool, shared: dict[str, Any], dtype: torch.dtype
+) -> bool:
+    """TIES' fast magnitude selection on bfloat16 is applied inside the fused combine
+    (magnitude_cuts) rather than sparsifying first; the memory plan asks the same."""
+    return (
+        sparsification == "magnitude"
+        and consensus
+        and dtype == torch.bfloat16
+        and shared.get("selection") == "fast"
+        and not shared.get("rescale")
+    )
+
+
 def usable(base: torch.Tensor, deltas: torch.Tensor) -> bool:
     """The combine kernel takes these inputs (into a contiguous output of their dtype)."""
     return (
@@ -254,15 +270,13 @@ def magnitude_cuts(deltas: torch.Tensor, densities: list[float]) -> Cuts | None:
     cut_keys, limits = [], []
     for i, (delta, density) in enumerate(zip(deltas, densities, strict=True)):
         k = max(1, int(density * n))
-        if density >= 1 or k >= n:
+        if k >= n:
             cut_keys.append(-1)  # every key is above
             limits.append(0)
             continue
         keys, cumulative = _magnitude_counts(deltas, i)
-        index = int(torch.searchsorted(cumulative, torch.tensor([n - k + 1])))
+        index, below, ties = select.reaching(cumulative, n - k + 1)
         cut = int(keys[index])
-        below = int(cumulative[index - 1]) if index else 0
-        ties = int(cumulative[index]) - below
         need = k - (n - below - ties)  # how many entries at the cut are kept, in index order
         cut_keys.append(cut)
         if need == 0:

@@ -19,11 +19,13 @@ def _linear_into(group, shared, per_input, generators, out: torch.Tensor) -> tor
     first = group.tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     values = tuple(p["weight"] for p in per_input)
-    summed = torch.tensor(values, dtype=dtype).sum().item()
-    if dtype == torch.float32:  # float32 weights, as the eager path rounds them
-        rounded = torch.tensor(values, dtype=dtype).tolist()
-        if fused.linear(group.tensors, tuple(rounded), shared["normalize"], summed, out):
-            return out
+    in_dtype = torch.tensor(values, dtype=dtype)  # the weights as the eager path rounds them
+    summed = in_dtype.sum().item()
+    rounded = tuple(in_dtype.tolist())
+    if dtype == torch.float32 and fused.linear(
+        group.tensors, rounded, shared["normalize"], summed, out
+    ):
+        return out
     weights = chunks.constants(values, dtype, first.device)
     total = chunks.constants((summed,), dtype, first.device)
     flat = [t.reshape(-1) for t in group.tensors]

@@ -26,12 +26,16 @@ def _keys(magnitudes: torch.Tensor) -> tuple[torch.Tensor, int]:
     raise TypeError(magnitudes.dtype)
 
 
-def _first_reaching(counts: torch.Tensor, m: int) -> tuple[int, int, int]:
-    """The first bin where the running count reaches m, with the counts before and in it."""
-    cumulative = counts.cpu().cumsum(0)  # one small copy from a GPU, then no more waits
+def reaching(cumulative: torch.Tensor, m: int) -> tuple[int, int, int]:
+    """The first bin whose running count (`cumulative`, on the CPU) reaches m, with the counts
+    before and in it."""
     index = int(torch.searchsorted(cumulative, torch.tensor([m])))
     before = int(cumulative[index - 1]) if index else 0
     return index, before, int(cumulative[index]) - before
+
+
+def _first_reaching(counts: torch.Tensor, m: int) -> tuple[int, int, int]:
+    return reaching(counts.cpu().cumsum(0), m)  # one small copy from a GPU, then no more waits
 
 
 def _mth_smallest_key(keys: torch.Tensor, bits: int, m: int) -> tuple[int, int, int]:

@@ -87,12 +87,12 @@ def bernoulli(
     if density >= 1:
         return tensor
     work = _work_dtype(tensor)
-    masked = fused.dare_masked(tensor.to(work), density, generator)  # None: draw with torch
+    values = tensor.to(work)
+    masked = fused.dare_masked(values, density, generator)  # None: draw with torch
     if masked is None:
         probs = torch.full_like(tensor, density, dtype=work)
-        mask = torch.bernoulli(probs, generator=generator)
-        return rescaled(tensor.to(work), mask, rescale).to(tensor.dtype)
-    return _rescale(tensor.to(work), masked, rescale).to(tensor.dtype)
+        masked = values * torch.bernoulli(probs, generator=generator)
+    return _rescale(values, masked, rescale).to(tensor.dtype)
 
 
 def della_magprune(

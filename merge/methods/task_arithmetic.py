@@ -67,13 +67,9 @@ def merge_deltas(
     if out is None or not out.is_contiguous():
         target = torch.empty_like(base, memory_format=torch.contiguous_format)
     cuts = None
-    if (
-        sparsification == "magnitude"
-        and shared.get("selection") == "fast"
-        and not shared["rescale"]
-        and consensus
-        and fused.usable(base, deltas)
-    ):
+    if fused.selects_in_combine(
+        sparsification, consensus, shared, deltas.dtype
+    ) and fused.usable(base, deltas):
         cuts = fused.magnitude_cuts(deltas, [p["density"] for p in params])
     selected = cuts is not None and fused.combine(
         base, deltas, weights, shared, consensus, target, cuts
