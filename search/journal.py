@@ -223,10 +223,17 @@ class Journal:
     def orphaned(self) -> list[FrozenTrial]:
         """Running trials whose process stopped before telling them: all of them in a SQLite
         study (one process writes it), else those whose owner has not beaten for a while or
-        whose process on this host is gone."""
+        whose process on this host is gone. A trial with no owner yet was asked a moment ago
+        (the owner is set just after `ask`) or its process died in between: an orphan only when
+        no other searcher is alive to claim it."""
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         attrs = self.study.user_attrs
-        orphans = [t for t in trials if self._stale(t.user_attrs.get("owner"), attrs)]
+        nobody_else = self.stale_after == 0 or not self.live_owners()
+        orphans = [
+            t for t in trials
+            if (nobody_else if "owner" not in t.user_attrs
+                else self._stale(t.user_attrs["owner"], attrs))
+        ]  # fmt: skip
         if len(orphans) < len(trials):
             print(
                 f"{len(trials) - len(orphans)} running trials belong to live searchers "

@@ -333,7 +333,8 @@ def test_a_disk_without_room_for_the_model_is_refused_before_the_first_trial(
 def test_a_searcher_whose_process_is_gone_is_taken_over_at_once(demo_family, tmp_path):
     """On a shared study (PostgreSQL), a searcher SIGKILLed on this host leaves a fresh
     heartbeat; its process is provably gone, so its running trials are orphans now, not after
-    the 10-minute silence. A live one's are left alone."""
+    the 10-minute silence. A live one's are left alone, and so is a trial asked a moment ago
+    whose owner is not yet set (CI once saw a second searcher take one and both tell it)."""
     from evomerge.search.journal import Journal
 
     recipe = write_recipe(tmp_path / "r.yaml", demo_family, budget={"evaluations": 2})
@@ -357,9 +358,12 @@ def test_a_searcher_whose_process_is_gone_is_taken_over_at_once(demo_family, tmp
         other.study.set_user_attr(f"process.{name}", f"{socket.gethostname()}:{pid}")
         trial = other.study.ask()
         trial.set_user_attr("owner", name)
+    unclaimed = journal().study.ask()  # asked by "alive", its owner not yet set
     me = journal()
     assert me.live_owners() == ["alive"]
-    assert [t.user_attrs["owner"] for t in me.orphaned()] == ["killed"]
+    assert [t.user_attrs.get("owner") for t in me.orphaned()] == ["killed"]
+    me.study.set_user_attr("heartbeat.alive", 0.0)  # no one left to claim the unclaimed one
+    assert [t.number for t in me.orphaned()][-1] == unclaimed.number
 
 
 class ServerStops(HashExecutor):
