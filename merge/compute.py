@@ -31,6 +31,9 @@ def generators_for(task: TensorTask, seed: int, device: torch.device):
     def generator(i: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(task.seed(seed, i))
 
+    # What a fresh generator would start from, for fused.c's draws without making one.
+    generator.seed = lambda i: task.seed(seed, i)  # type: ignore[attr-defined]
+    generator.device = device  # type: ignore[attr-defined]
     return generator
 
 

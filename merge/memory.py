@@ -34,12 +34,11 @@ WORKSPACE: dict[str, dict[int, tuple[float, float]]] = {
 }
 # With the fused combine (a CPU, bfloat16 or float32: methods/fused.py) a sparsifying method's
 # peak is its sparsification's, the same with or without sign election: by sparsification,
-# measured likewise (peak of merge_deltas on 1024 x 1024 tensors, k = 2, 3, 4).
+# measured likewise (peak of merge_deltas on 1024 x 1024 tensors, k = 2, 3, 4). Where fused.c
+# draws DARE's and DELLA's masks, only the sparsified task vectors are allocated (counted).
 WORKSPACE_FUSED: dict[str, dict[int, tuple[float, float]]] = {
-    "random": {4: (1, 1), 2: (1, 1)},  # fused.c draws the mask (fused.bernoulli_matches)
     "magnitude": {4: (4, 1), 2: (8, 1)},
     "magnitude_outliers": {4: (4, 1), 2: (8, 1)},
-    "della_magprune": {4: (7, 1), 2: (9, 1)},
 }
 WORKSPACE_OTHER = (2, 2)
 # Evaluation: one batch of `batch` sequences of `length` tokens, no gradients. Per token, the
@@ -131,14 +130,28 @@ def _workspace(
         consensus, dtype = extras["consensus"], task.compute_dtype
         if fused_here and fused.selects_in_combine(kind, consensus, task.shared, dtype):
             return combine  # no sparsified task vectors
-        # Where torch draws DARE's masks, their probabilities and mask are allocated.
-        fused_sparsify = fused_here and (kind != "random" or fused.bernoulli_matches())
-        table = WORKSPACE_FUSED.get(kind, {}) if fused_sparsify else WORKSPACE.get(name, {})
-        a, b = table.get(size, WORKSPACE_OTHER)
         sparse = (k - 1) * numel * size
+        if fused_here and fused.draws_masks(kind, dtype, device):
+            # float32 L1 norms after masking are torch's sums, over a full-size |x|
+            after = numel * size if dtype == torch.float32 and task.shared.get("rescale") else 0
+            return sparse + combine + after
+        table = WORKSPACE_FUSED.get(kind, {}) if fused_here else WORKSPACE.get(name, {})
+        a, b = table.get(size, WORKSPACE_OTHER)
         return max(int((a + b * k) * numel * size), sparse + combine)
     a, b = WORKSPACE.get(name, {}).get(size, WORKSPACE_OTHER)
     return int((a + b * k) * numel * size)
+
+
+def _derived(plan: MergePlan, task: TensorTask, numel: int, size: int, device) -> int:
+    """What fused.prepare keeps beside the task vectors: DELLA's rank norms, one per task vector
+    (not for tensors of one entry per row, which the eager path merges)."""
+    kind = plan.method.extras.get("sparsification")
+    rows = task.shape[1] if len(task.shape) > 1 else task.shape[0] if task.shape else 1
+    if kind != "della_magprune" or rows < 2:
+        return 0
+    if not fused.draws_masks(kind, task.compute_dtype, device):
+        return 0
+    return (len(task.inputs) - 1) * numel * size
 
 
 def plan_memory(
@@ -170,6 +183,8 @@ def plan_memory(
         fresh = [key for key in kept if key not in seen]
         seen.update(fresh)
         sources += len(fresh) * numel * size + deltas
+        if deltas:
+            sources += _derived(plan, task, numel, size, device)
         inputs.append(len(task.inputs) * numel * size)
         if floating:
             dtype = model_dtype or task.out_dtype

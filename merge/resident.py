@@ -22,7 +22,7 @@ from torch import nn
 from evomerge.merge.compute import compute_task, generators_for, input_tensors, resolve_device
 from evomerge.merge.errors import MergeError
 from evomerge.merge.materialize import output_config
-from evomerge.merge.methods import TensorGroup, get_method
+from evomerge.merge.methods import TensorGroup, fused, get_method
 from evomerge.merge.methods.task_arithmetic import merge_deltas, stack_deltas
 from evomerge.merge.plan import MergePlan, TensorTask, build_plan, reresolve
 from evomerge.merge.recipe import Recipe
@@ -66,7 +66,10 @@ class ResidentMerger:
             tensors = input_tensors(self.plan, task, read)
             if self._uses_deltas(task, tensors):
                 group = TensorGroup(tensors, task.base_index, task.out_name)
-                self._deltas.append(stack_deltas(group))
+                deltas = stack_deltas(group)
+                if self.home == self.device:  # what fused.c keeps per task vector, made now
+                    fused.prepare(deltas, extras["sparsification"])
+                self._deltas.append(deltas)
                 self._inputs.append([group.base])
             else:
                 self._deltas.append(None)
@@ -92,7 +95,8 @@ class ResidentMerger:
     def resident_bytes(self) -> int:
         tensors = {id(t): t for ts in self._inputs for t in ts}
         tensors.update({id(d): d for d in self._deltas if d is not None})
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        derived = sum(fused.derived_bytes(d) for d in self._deltas if d is not None)
+        return derived + sum(t.numel() * t.element_size() for t in tensors.values())
 
     def build_model(self, dtype: torch.dtype | None = None) -> nn.Module:
         """An empty model of the merge's architecture on the device, ready for `materialize`."""

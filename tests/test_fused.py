@@ -129,13 +129,13 @@ def test_the_counts_of_resident_task_vectors_are_kept_until_they_change(eager):
     base = awkward(5000, torch.bfloat16, generator, 0.02)
     deltas = awkward((2, 5000), torch.bfloat16, generator)
     ties(base, deltas, (0.4, 0.6))
-    assert id(deltas) in fused._COUNTS
+    assert id(deltas) in fused._RESIDENT
     deltas[0].mul_(3)  # in place: a new version, counted again
     expected = eager(lambda d=deltas: ties(base, d, (0.4, 0.6)))
     assert torch.equal(bits(ties(base, deltas, (0.4, 0.6))), bits(expected))
     key = id(deltas)
     del deltas
-    assert key not in fused._COUNTS
+    assert key not in fused._RESIDENT
 
 
 def test_without_a_compiler_the_eager_path_runs(monkeypatch, tmp_path):
@@ -167,28 +167,138 @@ def test_an_install_without_the_kernel_source_runs_eagerly(monkeypatch, tmp_path
         fused.library.cache_clear()
 
 
+class Seeded:
+    """Generators as compute.generators_for makes them, telling their seeds (fused.c then needs
+    no generator); a plain function (no `seed`) gives fresh generators, whose seeds it reads."""
+
+    def __init__(self, base: int):
+        self.base, self.device = base, torch.device("cpu")
+
+    def seed(self, i: int) -> int:
+        return self.base + 7919 * i
+
+    def __call__(self, i: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed(i))
+
+
+RANDOM_CASES = [  # shape, per-model (density, epsilon), sign election, rescale
+    ((623,), [(0.3, 0.1), (0.5, 0.2)], True, True),
+    ((1249,), [(0.9, 0.05), (1.0, 0.0), (0.2, 0.1)], False, True),
+    ((70_001,), [(0.5, 0.1), (0.7, 0.25)], True, True),  # two of torch's sum chunks at 2 threads
+    ((37, 911), [(0.6, 0.3), (0.4, 0.1)], True, False),
+    ((64, 600), [(0.5, 0.1), (0.0, 0.0), (0.45, 0.4)], True, True),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", ["random", "della_magprune"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dare_masks_are_torch_bernoulli_draws(dtype, eager):
-    """fused.c's MT19937 draws equal torch.bernoulli's from the same seed: every density, sizes
-    across the generator's 624-draw refills, seeds past 32 bits; rescaled or not."""
-    from evomerge.merge.methods import sparsify
+def test_dare_and_della_are_the_eager_ones_bit_for_bit(dtype, kind, threads, eager):
+    """fused.c's masks are torch.bernoulli's draws from the same seeds (across the generator's
+    624-draw refills, seeds past 32 bits), DELLA's keep probabilities the eager ones, and the
+    rescale factors come from the L1 norms torch's sum gives (split in chunks at 2 threads)."""
+    generator = torch.Generator().manual_seed(11)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, (shape, models, consensus, rescale) in enumerate(RANDOM_CASES):
+            base = awkward(shape, dtype, generator, 0.02)
+            deltas = awkward((len(models), *shape), dtype, generator)
+            params = [{"weight": WEIGHTS[i], "density": d, "epsilon": e}
+                      for i, (d, e) in enumerate(models)]  # fmt: skip
+            if kind == "random" and n == 4:
+                params[1]["density"] = 0.0  # every entry dropped: no rescale
+            shared = {"normalize": consensus, "lambda": 1.0, "rescale": rescale}
+            fresh = lambda i, n=n: torch.Generator().manual_seed(n + i)  # noqa: E731
+            for generators in (Seeded(2**40 + n), fresh):
 
-    generator = torch.Generator().manual_seed(5)
-    cases = [(623, 0.3, 1, True), (100_003, 0.5, 2**40 + 7, True), (1249, 0.9, 12, False),
-             (5000, 0.0, 3, True)]  # fmt: skip
-    for numel, density, seed, rescale in cases:
-        tensor = awkward((numel,), dtype, generator)
+                def merge(g=generators, b=base, d=deltas, p=params, s=shared, c=consensus):
+                    return ta.merge_deltas(b, d, s, p, g, sparsification=kind, consensus=c)
 
-        def draw(t=tensor, d=density, s=seed, r=rescale):
-            return sparsify.bernoulli(t, d, r, torch.Generator().manual_seed(s))
+                assert fused.random_sparsified(deltas, kind, params, generators, rescale)
+                expected = eager(merge)
+                assert torch.equal(bits(merge()), bits(expected)), (shape, models)
+    finally:
+        torch.set_num_threads(saved)
 
-        expected = eager(draw)
-        assert fused.dare_masked(tensor, density, torch.Generator().manual_seed(seed)) is not None
-        got = draw()
-        assert torch.equal(bits(got), bits(expected)), (numel, density, seed)
+
+def test_l1_norms_are_torchs_or_left_to_torch():
+    """`_l1_after` from exact per-chunk sums: torch's bfloat16 sum whenever it answers, and no
+    answer where the exact sum sits so close to a rounding boundary that torch's float32 order
+    decides (1 + 2^-8 + 2^-30: torch's float32 sum drops 2^-30 and rounds the tie to 1)."""
+    generator = torch.Generator().manual_seed(3)
+    saved = torch.get_num_threads()
+    unanswered = 0
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for _ in range(300):
+                n = int(torch.randint(100, 120_000, (1,), generator=generator))
+                scale = float(torch.rand(1, generator=generator)) * 10
+                magnitudes = (torch.randn(n, generator=generator) * scale).bfloat16().abs()
+                chunk, parts = fused._sum_chunks(n)
+                exact = magnitudes.double()
+                sums = [float(exact[p * chunk : (p + 1) * chunk].sum()) for p in range(parts)]
+                got = fused._l1_after(sums, n, chunk)
+                unanswered += got is None
+                assert got is None or got == float(magnitudes.sum()), (threads, n)
+            tie = torch.zeros(5000, dtype=torch.bfloat16)
+            tie[:3] = torch.tensor([1.0, 2**-8, 2**-30])
+            assert float(tie.sum()) == 1.0  # torch's; the exact sum rounds to 1 + 2^-7
+            chunk, parts = fused._sum_chunks(5000)
+            assert fused._l1_after([1 + 2**-8 + 2**-30], 5000, chunk) is None
+    finally:
+        torch.set_num_threads(saved)
+    assert unanswered < 30  # about 1 in 200 here; each costs one torch sum
+
+
+def test_without_a_vouched_norm_torch_sums_it(monkeypatch, eager):
+    monkeypatch.setattr(fused, "_l1_after", lambda *args: None)
+    generator = torch.Generator().manual_seed(2)
+    base = awkward(5000, torch.bfloat16, generator, 0.02)
+    deltas = awkward((2, 5000), torch.bfloat16, generator)
+    params = [{"weight": 0.5, "density": 0.4}, {"weight": 0.7, "density": 0.6}]
+    shared = {"normalize": False, "lambda": 1.0, "rescale": True}
+
+    def merge():
+        return ta.merge_deltas(base, deltas, shared, params, Seeded(5), sparsification="random",
+                               consensus=True)  # fmt: skip
+
+    assert torch.equal(bits(merge()), bits(eager(merge)))
+
+
+def test_della_rank_norms_are_kept_until_the_task_vectors_change(eager):
+    generator = torch.Generator().manual_seed(4)
+    base = awkward((40, 300), torch.bfloat16, generator, 0.02)
+    deltas = awkward((2, 40, 300), torch.bfloat16, generator)
+    params = [{"weight": 0.5, "density": 0.4, "epsilon": 0.2}] * 2
+    shared = {"normalize": True, "lambda": 1.0, "rescale": True}
+
+    def merge(d):
+        return ta.merge_deltas(base, d, shared, params, Seeded(9),
+                               sparsification="della_magprune", consensus=True)  # fmt: skip
+
+    fused.prepare(deltas, "della_magprune")
+    assert fused.derived_bytes(deltas) == deltas.numel() * deltas.element_size()
+    deltas[1].mul_(-2)  # in place: a new version, ranked again
+    assert fused.derived_bytes(deltas) == 0
+    assert torch.equal(bits(merge(deltas)), bits(eager(lambda d=deltas: merge(d))))
+    key = id(deltas)
+    del deltas
+    assert key not in fused._RESIDENT
 
 
 def test_a_generator_already_drawn_from_is_left_to_torch():
     generator = torch.Generator().manual_seed(9)
     torch.rand(3, generator=generator)
-    assert fused.dare_masked(torch.ones(10, dtype=torch.bfloat16), 0.5, generator) is None
+    deltas = torch.ones((1, 10), dtype=torch.bfloat16)
+    params = [{"weight": 1.0, "density": 0.5}]
+    assert fused.random_sparsified(deltas, "random", params, lambda i: generator, True) is None
+
+
+def test_scalars_round_into_the_dtype_as_torch_rounds_them():
+    values = [0.1, 1 / 3, 0.7 + 1e-9, 1e-40, 3e-39, 3.3e38, 3.5e38, 1e39, -0.3, 2**-130, 0.0]
+    for dtype in (torch.bfloat16, torch.float32):
+        for value in values:
+            expected = float(torch.tensor(value, dtype=torch.float32).to(dtype))
+            assert fused._in_dtype(value, dtype) == expected, (dtype, value)

@@ -60,7 +60,8 @@ def merge_deltas(
 
     `deltas` is not modified, so the in-memory merger can keep it resident across candidates.
     On a CPU the combine runs fused (fused.py) where it can, TIES' fast magnitude selection
-    inside it; the result is the eager path's bit for bit.
+    inside it, DARE's and DELLA's masks drawn by fused.c before it; the result is the eager
+    path's bit for bit.
     """
     weights = chunks.constants(tuple(p["weight"] for p in params), deltas.dtype, deltas.device)
     target = out
@@ -71,10 +72,18 @@ def merge_deltas(
         sparsification, consensus, shared, deltas.dtype
     ) and fused.usable(base, deltas):
         cuts = fused.magnitude_cuts(deltas, [p["density"] for p in params])
-    selected = cuts is not None and fused.combine(
+    done = cuts is not None and fused.combine(
         base, deltas, weights, shared, consensus, target, cuts
     )
-    if not selected:
+    if not done and sparsification in ("random", "della_magprune") and fused.usable(base, deltas):
+        drawn = fused.random_sparsified(
+            deltas, sparsification, params, generators, shared["rescale"]
+        )
+        if drawn is not None:
+            sparse, scales = drawn
+            done = fused.combine(base, sparse, weights, shared, consensus, target, scales=scales)
+            assert done, "fused.usable held for the task vectors"
+    if not done:
         if sparsification is not None:
             deltas = _sparsified(deltas, shared, params, generators, sparsification)
         if not fused.combine(base, deltas, weights, shared, consensus, target):
