@@ -3,7 +3,8 @@
 
 A candidate is `ResidentMerger.materialize(model)`: the merge math of every tensor written into
 the preallocated model. The floor is one `copy_` pass over the same parameters (the bytes a
-merge must at least write). Medians of `--repeats` calls after a warm-up, at each thread count.
+merge must at least write). Medians of `--repeats` calls after a warm-up (of at least 11 for the
+copy pass, which is short and noisy), at each thread count.
 
     python benchmarks/materialize_speed.py --threads 1 2 [--device cuda] [--repeats 5]
 
@@ -85,7 +86,7 @@ def main() -> None:
             with torch.no_grad():
                 merge = median_seconds(lambda m=merger, x=model: m.materialize(x), device,
                                        args.repeats)  # fmt: skip
-                copy = median_seconds(copy_pass, device, args.repeats)
+                copy = median_seconds(copy_pass, device, max(args.repeats, 11))  # it is short
             rows.append((threads, method, merge, copy))
             del merger, model, params, sources
     where = args.device if device.type != "cpu" else "CPU"

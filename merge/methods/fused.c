@@ -128,7 +128,8 @@ static inline __attribute__((always_inline)) void elect_range(
         if (k1) mixed += x1;
         if (k2) mixed += x2;
         if (k3) mixed += x3;
-        int positive = rnd(mixed, bf16) >= 0.0f;
+        /* rnd(mixed) >= 0: in bfloat16 everything from -2^-134 up rounds to -0 or above */
+        int positive = mixed >= (bf16 ? -0x1p-134f : 0.0f);
         float agree = zero, divisor = zero;
         AGREE(x0, w0);
         if (k1) AGREE(x1, w1);
@@ -388,7 +389,7 @@ int64_t nth_equal_bf16(const uint16_t *x, int64_t n, int32_t key, int64_t nth) {
 
 /* Random masks as torch's CPU generator draws them, for DARE (sparsify.bernoulli: every entry
  * kept with probability p) and DELLA (sparsify.della_magprune: with a probability looked up by
- * the entry's magnitude rank in its row, lut[ranks[j]]). torch.bernoulli(probs, generator) runs
+ * the entry's magnitude rank in its row, from its rank norm). torch.bernoulli(probs, generator) runs
  * MT19937 seeded with the low 32 bits of the seed and, entry by entry in index order, keeps the
  * entry when (next 32-bit draw & 0xffffff) * 2^-24 < its probability (in the tensor's dtype, as
  * a float). Writes x * keep (x or a signed zero) to `masked` and adds the kept magnitudes, in
@@ -442,9 +443,9 @@ static inline uint32_t temper(uint32_t y) {
     return y ^ (y >> 18);
 }
 
-static inline void random_mask(const void *x, int64_t n, uint64_t seed, float p, const void *norms,
-                               float low, float epsilon, void *masked, int64_t chunk,
-                               double *sums, int bf16) {
+static inline void random_mask(const void *x, int64_t n, uint64_t seed, uint32_t limit,
+                               const void *norms, float low, float epsilon, void *masked,
+                               int64_t chunk, double *sums, int bf16) {
     uint32_t s[MT_N];
     float kept[MT_N]; /* the kept magnitudes */
     s[0] = (uint32_t)seed;
@@ -454,10 +455,12 @@ static inline void random_mask(const void *x, int64_t n, uint64_t seed, float p,
         mt_twist(s);
         /* One loop per block: draw, keep, write x * keep (x or its signed zero). */
         for (int64_t j = 0; j < m; j++) {
-            float u = (float)(temper(s[j]) & 0xffffffu) * (1.0f / 16777216.0f), q = p;
-            if (norms) /* DELLA: (density - epsilon) + rank_norm * 2 * epsilon, in the dtype */
-                q = rnd(low + rnd(load(norms, start + j, bf16) * 2.0f * epsilon, bf16), bf16);
-            int keep = u < q;
+            uint32_t y = temper(s[j]) & 0xffffffu;
+            int keep = y < limit; /* DARE: y * 2^-24 < p, as y < ceil(p * 2^24) */
+            if (norms) { /* DELLA: p = (density - epsilon) + rank_norm * 2 * epsilon, in the dtype */
+                float q = rnd(low + rnd(load(norms, start + j, bf16) * 2.0f * epsilon, bf16), bf16);
+                keep = (float)y * (1.0f / 16777216.0f) < q;
+            }
             if (bf16) {
                 uint16_t v = ((const uint16_t *)x)[start + j];
                 v = keep ? v : v & 0x8000u;
@@ -481,9 +484,9 @@ static inline void random_mask(const void *x, int64_t n, uint64_t seed, float p,
 }
 
 #define EXPORT_MASK(NAME, BF16)                                                                  \
-    void NAME(const void *x, int64_t n, uint64_t seed, float p, const void *norms, float low,   \
-              float epsilon, void *masked, int64_t chunk, double *sums) {                        \
-        random_mask(x, n, seed, p, norms, low, epsilon, masked, chunk, sums, BF16);              \
+    void NAME(const void *x, int64_t n, uint64_t seed, uint32_t limit, const void *norms,       \
+              float low, float epsilon, void *masked, int64_t chunk, double *sums) {             \
+        random_mask(x, n, seed, limit, norms, low, epsilon, masked, chunk, sums, BF16);          \
     }
 EXPORT_MASK(random_mask_bf16, 1)
 EXPORT_MASK(random_mask_f32, 0)

@@ -107,7 +107,7 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p,
             ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
         ]  # fmt: skip
     lib.histogram_bf16.restype = None
@@ -417,8 +417,9 @@ def random_sparsified(
 
     def draw(item) -> None:
         i, seed, probability, low, epsilon = item
+        limit = min(max(math.ceil(probability * 2**24), 0), 2**24)  # keep iff draw < limit
         kernel(
-            source + i * stride, n, seed, probability,
+            source + i * stride, n, seed, limit,
             norms[i].data_ptr() if della else None, low, epsilon, target + i * stride, chunk,
             ctypes.addressof(sums) + i * chunks * ctypes.sizeof(ctypes.c_double),
         )  # fmt: skip
