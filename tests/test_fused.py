@@ -222,6 +222,28 @@ def test_dare_and_della_are_the_eager_ones_bit_for_bit(dtype, kind, threads, eag
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("kind", ["random", "della_magprune"])
+def test_infinite_and_nan_entries_are_masked_as_torch_masks_them(kind, eager):
+    """x * 0 is NaN for an infinite or NaN x: dropped, they stay NaN, and the norms they make
+    infinite or NaN are torch's. (NaN payloads may differ: a merge with a NaN is refused.)"""
+    generator = torch.Generator().manual_seed(8)
+    base = awkward((20, 500), torch.bfloat16, generator, 0.02)
+    deltas = awkward((2, 20, 500), torch.bfloat16, generator)
+    deltas[0, 3, 7], deltas[0, 5, 9], deltas[1, 2, 2] = float("inf"), float("-inf"), float("nan")
+    params = [{"weight": 0.5, "density": 0.5, "epsilon": 0.2}] * 2
+    for consensus, rescale in [(True, True), (False, False)]:
+        shared = {"normalize": consensus, "lambda": 1.0, "rescale": rescale}
+
+        def merge(c=consensus, s=shared):
+            return ta.merge_deltas(base, deltas, s, params, Seeded(1), sparsification=kind,
+                                   consensus=c)  # fmt: skip
+
+        got, expected = merge(), eager(merge)
+        assert torch.equal(got.isnan(), expected.isnan()), (consensus, rescale)
+        finite = ~expected.isnan()
+        assert torch.equal(bits(got)[finite], bits(expected)[finite]), (consensus, rescale)
+
+
 def test_l1_norms_are_torchs_or_left_to_torch():
     """`_l1_after` from exact per-chunk sums: torch's bfloat16 sum whenever it answers, and no
     answer where the exact sum sits so close to a rounding boundary that torch's float32 order

@@ -388,12 +388,12 @@ int64_t nth_equal_bf16(const uint16_t *x, int64_t n, int32_t key, int64_t nth) {
 }
 
 /* Random masks as torch's CPU generator draws them, for DARE (sparsify.bernoulli: every entry
- * kept with probability p) and DELLA (sparsify.della_magprune: with a probability looked up by
- * the entry's magnitude rank in its row, from its rank norm). torch.bernoulli(probs, generator) runs
+ * kept with probability p) and DELLA (sparsify.della_magprune: with a probability from the
+ * entry's magnitude rank in its row, its rank norm). torch.bernoulli(probs, generator) runs
  * MT19937 seeded with the low 32 bits of the seed and, entry by entry in index order, keeps the
  * entry when (next 32-bit draw & 0xffffff) * 2^-24 < its probability (in the tensor's dtype, as
- * a float). Writes x * keep (x or a signed zero) to `masked` and adds the kept magnitudes, in
- * double, into sums[j / chunk]: the L1 norms fused.py needs to rescale (its `_after`). fused.py
+ * a float). Writes x * keep (x, its signed zero, or NaN for inf) to `masked` and adds the kept magnitudes, in
+ * double, into sums[j / chunk]: the L1 norms fused.py rescales with (`_l1_after`). fused.py
  * checks the draws against torch.bernoulli once before using them. */
 #define MT_N 624
 #define MT_M 397
@@ -425,7 +425,7 @@ static void mt_twist(uint32_t *s) {
 }
 
 /* The sum of a[0..m) (m <= MT_N) in float32 over 16 lanes, so that it vectorizes: each value
- * passes through at most MT_N / 16 + 31 roundings (fused.py's bound on the error, SUM_DEPTH). */
+ * passes through at most MT_N / 16 + 31 roundings (fused.py's LANE_SUM_DEPTH). */
 static inline float lane_sum(const float *a, int64_t m) {
     float lanes[16] = {0}, total = 0;
     int64_t k = 0;
@@ -453,7 +453,7 @@ static inline void random_mask(const void *x, int64_t n, uint64_t seed, uint32_t
     for (int64_t start = 0; start < n; start += MT_N) {
         int64_t m = n - start < MT_N ? n - start : MT_N;
         mt_twist(s);
-        /* One loop per block: draw, keep, write x * keep (x or its signed zero). */
+        /* One loop per block: draw, keep, write x * keep. */
         for (int64_t j = 0; j < m; j++) {
             uint32_t y = temper(s[j]) & 0xffffffu;
             int keep = y < limit; /* DARE: y * 2^-24 < p, as y < ceil(p * 2^24) */
@@ -461,17 +461,15 @@ static inline void random_mask(const void *x, int64_t n, uint64_t seed, uint32_t
                 float q = rnd(low + rnd(load(norms, start + j, bf16) * 2.0f * epsilon, bf16), bf16);
                 keep = (float)y * (1.0f / 16777216.0f) < q;
             }
+            /* x * keep in float, as torch multiplies: a signed zero, or NaN for inf and NaN */
+            float v = load(x, start + j, bf16) * (keep ? 1.0f : 0.0f);
             if (bf16) {
-                uint16_t v = ((const uint16_t *)x)[start + j];
-                v = keep ? v : v & 0x8000u;
-                ((uint16_t *)masked)[start + j] = v;
-                kept[j] = bf16_to_f32(v & 0x7fffu);
+                uint16_t h = f32_to_bf16(v);
+                ((uint16_t *)masked)[start + j] = h;
+                kept[j] = bf16_to_f32(h & 0x7fffu);
             } else {
-                uint32_t v = ((const uint32_t *)x)[start + j];
-                v = keep ? v : v & 0x80000000u;
-                ((uint32_t *)masked)[start + j] = v;
-                v &= 0x7fffffffu;
-                memcpy(kept + j, &v, 4);
+                ((float *)masked)[start + j] = v;
+                kept[j] = fabsf(v);
             }
         }
         for (int64_t j = 0; j < m;) { /* a stretch per chunk the block meets */

@@ -504,13 +504,13 @@ def prepare(deltas: torch.Tensor, kind: str | None) -> None:
 
 
 def derived_bytes(deltas: torch.Tensor) -> int:
-    """Bytes of the tensors kept for these task vectors (TIES' counts, DELLA's rank norms)."""
+    """Bytes of DELLA's rank norms kept for these task vectors (what the memory plan counts
+    beside them; TIES' magnitude counts, at most 512 KiB a task vector, it does not)."""
     entry = _RESIDENT.get(id(deltas))
     if entry is None or entry[0] != deltas._version:
         return 0
-    tensors = [t for value in entry[1].values() for t in (value if isinstance(value, tuple)
-               else (value,)) if isinstance(t, torch.Tensor)]  # fmt: skip
-    return sum(t.numel() * t.element_size() for t in tensors)
+    norms = [v for (what, _), v in entry[1].items() if what == "norms"]
+    return sum(t.numel() * t.element_size() for t in norms)
 
 
 def _seed(generators, i: int) -> int | None:
