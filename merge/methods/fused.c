@@ -28,8 +28,8 @@ static inline float bf16_to_f32(uint16_t h) {
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as c10::BFloat16 */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : rounded; /* NaN; a select, not a branch */
 }
 
 /* f32_to_bf16 then back, without narrowing. No NaN test: a NaN here comes from bfloat16 inputs or
@@ -392,7 +392,7 @@ int64_t nth_equal_bf16(const uint16_t *x, int64_t n, int32_t key, int64_t nth) {
  * entry's magnitude rank in its row, its rank norm). torch.bernoulli(probs, generator) runs
  * MT19937 seeded with the low 32 bits of the seed and, entry by entry in index order, keeps the
  * entry when (next 32-bit draw & 0xffffff) * 2^-24 < its probability (in the tensor's dtype, as
- * a float). Writes x * keep (x, its signed zero, or NaN for inf) to `masked` and adds the kept magnitudes, in
+ * a float). Writes x * keep (x, its signed zero, or NaN) to `masked` and adds the kept magnitudes, in
  * double, into sums[j / chunk]: the L1 norms fused.py rescales with (`_l1_after`). fused.py
  * checks the draws against torch.bernoulli once before using them. */
 #define MT_N 624
@@ -447,29 +447,38 @@ static inline void random_mask(const void *x, int64_t n, uint64_t seed, uint32_t
                                const void *norms, float low, float epsilon, void *masked,
                                int64_t chunk, double *sums, int bf16) {
     uint32_t s[MT_N];
-    float kept[MT_N]; /* the kept magnitudes */
+    uint32_t keep[MT_N]; /* all ones or 0 */
+    float kept[MT_N];    /* the kept magnitudes */
     s[0] = (uint32_t)seed;
     for (int j = 1; j < MT_N; j++) s[j] = 1812433253u * (s[j - 1] ^ (s[j - 1] >> 30)) + (uint32_t)j;
     for (int64_t start = 0; start < n; start += MT_N) {
         int64_t m = n - start < MT_N ? n - start : MT_N;
         mt_twist(s);
-        /* One loop per block: draw, keep, write x * keep. */
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t y = temper(s[j]) & 0xffffffu;
-            int keep = y < limit; /* DARE: y * 2^-24 < p, as y < ceil(p * 2^24) */
-            if (norms) { /* DELLA: p = (density - epsilon) + rank_norm * 2 * epsilon, in the dtype */
+        /* Draw and decide (a loop each way: one loop with both did not vectorize), then write
+         * x * keep as torch's float multiply gives it: x, its signed zero, or (an infinite or
+         * NaN x dropped) NaN, with bit masks (a ?: there kept the loop scalar). */
+        if (norms) /* DELLA: p = (density - epsilon) + rank_norm * 2 * epsilon, in the dtype */
+            for (int64_t j = 0; j < m; j++) {
                 float q = rnd(low + rnd(load(norms, start + j, bf16) * 2.0f * epsilon, bf16), bf16);
-                keep = (float)y * (1.0f / 16777216.0f) < q;
+                keep[j] = -(uint32_t)((float)(temper(s[j]) & 0xffffffu) * 0x1p-24f < q);
             }
-            /* x * keep in float, as torch multiplies: a signed zero, or NaN for inf and NaN */
-            float v = load(x, start + j, bf16) * (keep ? 1.0f : 0.0f);
+        else /* DARE: y * 2^-24 < p, as y < ceil(p * 2^24) */
+            for (int64_t j = 0; j < m; j++) keep[j] = -(uint32_t)((temper(s[j]) & 0xffffffu) < limit);
+        for (int64_t j = 0; j < m; j++) {
             if (bf16) {
-                uint16_t h = f32_to_bf16(v);
-                ((uint16_t *)masked)[start + j] = h;
-                kept[j] = bf16_to_f32(h & 0x7fffu);
+                uint16_t v = ((const uint16_t *)x)[start + j];
+                uint16_t odd = -(uint16_t)((v & 0x7fffu) >= 0x7f80u), on = (uint16_t)keep[j];
+                uint16_t dropped = (odd & 0x7fc0u) | (~odd & v & 0x8000u);
+                v = (on & v) | (~on & dropped);
+                ((uint16_t *)masked)[start + j] = v;
+                kept[j] = bf16_to_f32(v & 0x7fffu);
             } else {
-                ((float *)masked)[start + j] = v;
-                kept[j] = fabsf(v);
+                uint32_t v = ((const uint32_t *)x)[start + j];
+                uint32_t odd = -(uint32_t)((v & 0x7fffffffu) >= 0x7f800000u), on = keep[j];
+                uint32_t dropped = (odd & 0x7fc00000u) | (~odd & v & 0x80000000u);
+                v = ((on & v) | (~on & dropped)) & 0x7fffffffu;
+                ((uint32_t *)masked)[start + j] = (on & ((const uint32_t *)x)[start + j]) | (~on & dropped);
+                memcpy(kept + j, &v, 4);
             }
         }
         for (int64_t j = 0; j < m;) { /* a stretch per chunk the block meets */

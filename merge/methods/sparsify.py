@@ -1,11 +1,11 @@
 """Sparsification of task vectors (TIES, DARE, breadcrumbs, DELLA), as mergekit does it.
 
 Random masks draw from an explicit generator so a seed reproduces a merge bit for bit (on a CPU,
-fused.random_sparsified draws the same masks faster). Magnitude
-trimming has two selections: "mergekit" sorts the magnitudes exactly as mergekit 0.1.5 does (the
-same torch calls on the same values, so among entries of equal magnitude at the cut, common in
-bf16, it keeps the ones mergekit keeps on the same torch build); "fast" finds the cut in linear
-time (select.py) and keeps equal entries in index order.
+fused.random_sparsified draws the same masks faster). Magnitude trimming has two selections:
+"mergekit" sorts the magnitudes exactly as mergekit 0.1.5 does (the same torch calls on the same
+values, so among entries of equal magnitude at the cut, common in bf16, it keeps the ones
+mergekit keeps on the same torch build); "fast" finds the cut in linear time (select.py) and
+keeps equal entries in index order.
 """
 
 from __future__ import annotations
