@@ -392,9 +392,9 @@ int64_t nth_equal_bf16(const uint16_t *x, int64_t n, int32_t key, int64_t nth) {
  * entry's magnitude rank in its row, its rank norm). torch.bernoulli(probs, generator) runs
  * MT19937 seeded with the low 32 bits of the seed and, entry by entry in index order, keeps the
  * entry when (next 32-bit draw & 0xffffff) * 2^-24 < its probability (in the tensor's dtype, as
- * a float). Writes x * keep (x, its signed zero, or NaN) to `masked` and adds the kept magnitudes, in
- * double, into sums[j / chunk]: the L1 norms fused.py rescales with (`_l1_after`). fused.py
- * checks the draws against torch.bernoulli once before using them. */
+ * a float). Writes x * keep (x, its signed zero, or NaN) to `masked` and adds the kept
+ * magnitudes, in double, into sums[j / chunk]: the L1 norms fused.py rescales with
+ * (`_l1_after`). fused.py checks the draws against torch.bernoulli once before using them. */
 #define MT_N 624
 #define MT_M 397
 
@@ -476,8 +476,9 @@ static inline void random_mask(const void *x, int64_t n, uint64_t seed, uint32_t
                 uint32_t v = ((const uint32_t *)x)[start + j];
                 uint32_t odd = -(uint32_t)((v & 0x7fffffffu) >= 0x7f800000u), on = keep[j];
                 uint32_t dropped = (odd & 0x7fc00000u) | (~odd & v & 0x80000000u);
-                v = ((on & v) | (~on & dropped)) & 0x7fffffffu;
-                ((uint32_t *)masked)[start + j] = (on & ((const uint32_t *)x)[start + j]) | (~on & dropped);
+                v = (on & v) | (~on & dropped);
+                ((uint32_t *)masked)[start + j] = v;
+                v &= 0x7fffffffu;
                 memcpy(kept + j, &v, 4);
             }
         }
