@@ -146,8 +146,7 @@ def _derived(plan: MergePlan, task: TensorTask, numel: int, size: int, device) -
     """What fused.prepare keeps beside the task vectors: DELLA's rank norms, one per task vector
     (not for tensors of one entry per row, which the eager path merges)."""
     kind = plan.method.extras.get("sparsification")
-    rows = task.shape[1] if len(task.shape) > 1 else task.shape[0] if task.shape else 1
-    if kind != "della_magprune" or rows < 2:
+    if kind != "della_magprune" or fused.row_length(task.shape) < 2:
         return 0
     if not fused.draws_masks(kind, task.compute_dtype, device):
         return 0

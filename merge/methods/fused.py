@@ -383,7 +383,7 @@ def random_sparsified(
         and (probe or bernoulli_matches())
     ):
         return None
-    if della and (deltas.dim() < 2 or deltas.shape[1 if deltas.dim() == 2 else 2] < 2):
+    if della and row_length(deltas.shape[1:]) < 2:
         return None  # rows of one entry: the eager path's 0 / 0 (prepare skips them too)
     draws = []  # (i, seed, p, low, epsilon) of the task vectors masked
     for i, p in enumerate(params):
@@ -494,10 +494,16 @@ def draws_masks(kind: str | None, dtype: torch.dtype, device: torch.device) -> b
     )
 
 
+def row_length(shape) -> int:
+    """The length of the rows DELLA ranks a tensor of this shape in (dim 1; a 1-D tensor is one
+    row; a scalar, a row of one)."""
+    return shape[1] if len(shape) > 1 else shape[0] if len(shape) == 1 else 1
+
+
 def prepare(deltas: torch.Tensor, kind: str | None) -> None:
     """Derive now what random_sparsified keeps per resident task vector and would otherwise
     derive on the first candidate: DELLA's rank norms (as large as the task vectors)."""
-    one_row = deltas.dim() < 2 or deltas.shape[1 if deltas.dim() == 2 else 2] < 2
+    one_row = row_length(deltas.shape[1:]) < 2
     if kind == "della_magprune" and draws_masks(kind, deltas.dtype, deltas.device) and not one_row:
         for i in range(deltas.shape[0]):
             _rank_norms(deltas, i)
