@@ -289,6 +289,21 @@ def test_without_a_vouched_norm_torch_sums_it(monkeypatch, eager):
     assert torch.equal(bits(merge()), bits(eager(merge)))
 
 
+def test_ties_magnitude_counts_are_kept_and_counted():
+    """The counts TIES' fast selection keeps per task vector are in derived_bytes (so in
+    ResidentMerger.resident_bytes), and go when the task vectors change."""
+    generator = torch.Generator().manual_seed(6)
+    base = awkward(50_000, torch.bfloat16, generator, 0.02)
+    deltas = awkward((2, 50_000), torch.bfloat16, generator)
+    assert fused.derived_bytes(deltas) == 0
+    ties(base, deltas, (0.3, 0.6))
+    kept = fused._RESIDENT[id(deltas)][1]
+    counts = [t for (what, _), v in kept.items() if what == "counts" for t in v]
+    assert len(counts) == 4
+    assert fused.derived_bytes(deltas) == sum(t.numel() * t.element_size() for t in counts) > 0
+    deltas[0].neg_()
+    assert fused.derived_bytes(deltas) == 0
+
 def test_della_rank_norms_are_kept_until_the_task_vectors_change(eager):
     generator = torch.Generator().manual_seed(4)
     base = awkward((40, 300), torch.bfloat16, generator, 0.02)

@@ -89,11 +89,11 @@ static inline __attribute__((always_inline)) void plain(const void *base, const 
  * vector's ties at the cut stop being kept, so that the loop compares no 64-bit index. */
 /* A task vector's weighted entry j: after the magnitude cut (cuts) or rescaled (scaled). */
 static inline __attribute__((always_inline)) float term(const char *d, float w, float f,
-                                                        int32_t cut, int tie, int64_t j, int cuts,
+                                                        int32_t above, int64_t j, int cuts,
                                                         int scaled, int bf16) {
-    if (cuts) {
+    if (cuts) { /* kept: the entries whose magnitude key is above `above` */
         int32_t key = ((const uint16_t *)d)[j] & 0x7fff;
-        float kept = (key > cut) | ((key == cut) & tie) ? 1.0f : 0.0f;
+        float kept = key > above ? 1.0f : 0.0f;
         return rnd(load(d, j, 1) * kept * w, 1); /* x * 0/1 is exact */
     }
     return rnd(entry(d, j, bf16, scaled, f) * w, bf16);
@@ -106,10 +106,10 @@ static inline __attribute__((always_inline)) float term(const char *d, float w, 
         agree += (X) * kept;                                                                     \
         divisor += kept * (W);                                                                   \
     } while (0)
-#define TERM(I) term(d##I, w##I, f##I, cut##I, tie##I, j, cuts, scaled, bf16)
+#define TERM(I) term(d##I, w##I, f##I, above##I, j, cuts, scaled, bf16)
 
 static inline __attribute__((always_inline)) void elect_range(
-    const char *const *d, const float *w, const float *f, const int32_t *cut, const int *tie,
+    const char *const *d, const float *w, const float *f, const int32_t *above,
     const void *restrict base, int64_t from, int64_t to, const int models, int normalize,
     int scale, float lambda_, void *restrict out, const int cuts, int scaled, int tail, int bf16) {
     const float zero = models == 2 ? -0.0f : 0.0f;
@@ -118,8 +118,8 @@ static inline __attribute__((always_inline)) void elect_range(
     const char *d0 = d[0], *d1 = d[k1], *d2 = d[2 * k2], *d3 = d[3 * k3];
     const float w0 = w[0], w1 = w[k1], w2 = w[2 * k2], w3 = w[3 * k3];
     const float f0 = f[0], f1 = f[k1], f2 = f[2 * k2], f3 = f[3 * k3];
-    const int32_t cut0 = cut[0], cut1 = cut[k1], cut2 = cut[2 * k2], cut3 = cut[3 * k3];
-    const int tie0 = tie[0], tie1 = tie[k1], tie2 = tie[2 * k2], tie3 = tie[3 * k3];
+    const int32_t above0 = above[0], above1 = above[k1], above2 = above[2 * k2];
+    const int32_t above3 = above[3 * k3];
     const float lam = lambda_;
     for (int64_t j = from; j < to; j++) {
         float x0 = TERM(0), x1 = k1 ? TERM(1) : 0.0f, x2 = k2 ? TERM(2) : 0.0f;
@@ -141,7 +141,7 @@ static inline __attribute__((always_inline)) void elect_range(
             agree = rnd(rnd(agree, bf16) / (v == 0.0f ? 1.0f : v), bf16);
             if (scale) agree = rnd(agree * lam, bf16);
         }
-        float v = load(base, j, bf16) + rnd(agree, bf16);
+        float v = load(base, j, bf16) + (tail ? agree : rnd(agree, bf16)); /* rounded above */
         if (bf16)
             ((uint16_t *)out)[j] = f32_to_bf16(v);
         else
@@ -153,19 +153,19 @@ static inline __attribute__((always_inline)) void elect_range(
 
 /* One function per variant: inlined into one large function, most of them did not vectorize. */
 typedef void (*elect_fn)(const char *const *, const float *, const float *, const int32_t *,
-                         const int *, const void *, int64_t, int64_t, int, int, float, void *);
+                         const void *, int64_t, int64_t, int, int, float, void *);
 #define ELECT_FN(NAME, M, CUTS, SCALED, BF16)                                                    \
-    static void NAME(const char *const *d, const float *w, const float *f, const int32_t *cut,  \
-                     const int *tie, const void *base, int64_t from, int64_t to, int normalize, \
-                     int scale, float lambda_, void *out) {                                     \
+    static void NAME(const char *const *d, const float *w, const float *f, const int32_t *above, \
+                     const void *base, int64_t from, int64_t to, int normalize, int scale,      \
+                     float lambda_, void *out) {                                                 \
         if (normalize && !scale) /* TIES, DELLA */                                              \
-            elect_range(d, w, f, cut, tie, base, from, to, M, 1, 0, 1.0f, out, CUTS, SCALED,   \
-                        1, BF16);                                                                \
+            elect_range(d, w, f, above, base, from, to, M, 1, 0, 1.0f, out, CUTS, SCALED, 1,   \
+                        BF16);                                                                   \
         else if (normalize || scale)                                                             \
-            elect_range(d, w, f, cut, tie, base, from, to, M, normalize, scale, lambda_, out,   \
-                        CUTS, SCALED, 1, BF16);                                                  \
+            elect_range(d, w, f, above, base, from, to, M, normalize, scale, lambda_, out, CUTS, \
+                        SCALED, 1, BF16);                                                        \
         else /* DARE-TIES */                                                                     \
-            elect_range(d, w, f, cut, tie, base, from, to, M, 0, 0, 1.0f, out, CUTS, SCALED, 0, \
+            elect_range(d, w, f, above, base, from, to, M, 0, 0, 1.0f, out, CUTS, SCALED, 0,   \
                         BF16);                                                                   \
     }
 #define ELECT_FNS(M)                                                                             \
@@ -208,9 +208,9 @@ static void elect(const void *base, const void *deltas, int64_t stride, int64_t 
     }
     elect_fn fn = ELECT[models - 1][cuts ? 0 : 1 + 2 * !bf16 + (scales != NULL)];
     for (int e = 0; e + 1 < count; e++) {
-        int tie[4];
-        for (int i = 0; i < models; i++) tie[i] = cuts && edges[e] < limits[i] - offset;
-        fn(d, w, f, cut, tie, base, edges[e], edges[e + 1], normalize, scale, lambda_, out);
+        int32_t above[4]; /* before its limit a task vector keeps its ties at the cut too */
+        for (int i = 0; i < models; i++) above[i] = cut[i] - (cuts && edges[e] < limits[i] - offset);
+        fn(d, w, f, above, base, edges[e], edges[e + 1], normalize, scale, lambda_, out);
     }
 }
 
@@ -373,11 +373,14 @@ void histogram_bf16(const uint16_t *x, int64_t n, int64_t *counts) {
     for (int k = 0; k < 32768; k++) counts[k] += (int64_t)h[0][k] + h[1][k];
 }
 
-/* The index just past the nth (from 1) entry of x whose magnitude key is `key`, or n. */
+/* The index just past the nth (from 1) entry of x whose magnitude key is `key`, or n. Counted
+ * 4096 entries at a time (in 32 bits: an int64_t count vectorized 8 entries at a time), then the
+ * block that holds it is searched. */
 int64_t nth_equal_bf16(const uint16_t *x, int64_t n, int32_t key, int64_t nth) {
     int64_t seen = 0;
     for (int64_t start = 0; start < n; start += 4096) {
-        int64_t m = n - start < 4096 ? n - start : 4096, here = 0;
+        int64_t m = n - start < 4096 ? n - start : 4096;
+        uint32_t here = 0;
         for (int64_t j = 0; j < m; j++) here += (x[start + j] & 0x7fff) == key;
         if (seen + here >= nth)
             for (int64_t j = 0; j < m; j++)
@@ -449,6 +452,7 @@ static inline void random_mask(const void *x, int64_t n, uint64_t seed, uint32_t
     uint32_t s[MT_N];
     uint32_t keep[MT_N]; /* all ones or 0 */
     float kept[MT_N];    /* the kept magnitudes */
+    const float twice = 2.0f * epsilon; /* (x * 2) * eps == x * (2 * eps): x * 2 is exact */
     s[0] = (uint32_t)seed;
     for (int j = 1; j < MT_N; j++) s[j] = 1812433253u * (s[j - 1] ^ (s[j - 1] >> 30)) + (uint32_t)j;
     for (int64_t start = 0; start < n; start += MT_N) {
@@ -459,7 +463,7 @@ static inline void random_mask(const void *x, int64_t n, uint64_t seed, uint32_t
          * NaN x dropped) NaN, with bit masks (a ?: there kept the loop scalar). */
         if (norms) /* DELLA: p = (density - epsilon) + rank_norm * 2 * epsilon, in the dtype */
             for (int64_t j = 0; j < m; j++) {
-                float q = rnd(low + rnd(load(norms, start + j, bf16) * 2.0f * epsilon, bf16), bf16);
+                float q = rnd(low + rnd(load(norms, start + j, bf16) * twice, bf16), bf16);
                 keep[j] = -(uint32_t)((float)(temper(s[j]) & 0xffffffu) * 0x1p-24f < q);
             }
         else /* DARE: y * 2^-24 < p, as y < ceil(p * 2^24) */
