@@ -209,7 +209,8 @@ static void elect(const void *base, const void *deltas, int64_t stride, int64_t 
     elect_fn fn = ELECT[models - 1][cuts ? 0 : 1 + 2 * !bf16 + (scales != NULL)];
     for (int e = 0; e + 1 < count; e++) {
         int32_t above[4]; /* before its limit a task vector keeps its ties at the cut too */
-        for (int i = 0; i < models; i++) above[i] = cut[i] - (cuts && edges[e] < limits[i] - offset);
+        for (int i = 0; i < models; i++)
+            above[i] = cut[i] - (cuts && edges[e] < limits[i] - offset);
         fn(d, w, f, above, base, edges[e], edges[e + 1], normalize, scale, lambda_, out);
     }
 }

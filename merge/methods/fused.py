@@ -323,7 +323,7 @@ def combine(
         return False
     models = deltas.shape[0]
     kernel = getattr(library(), _KERNELS[base.dtype])
-    values = (ctypes.c_float * models)(*weights.tolist())  # bfloat16 to float is exact
+    values = (ctypes.c_float * models)(*weights.tolist())  # exact in float
     keys = limits = factors = None
     if scales is not None:
         factors = (ctypes.c_float * models)(*scales)
