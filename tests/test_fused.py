@@ -304,6 +304,7 @@ def test_ties_magnitude_counts_are_kept_and_counted():
     deltas[0].neg_()
     assert fused.derived_bytes(deltas) == 0
 
+
 def test_della_rank_norms_are_kept_until_the_task_vectors_change(eager):
     generator = torch.Generator().manual_seed(4)
     base = awkward((40, 300), torch.bfloat16, generator, 0.02)
