@@ -146,9 +146,7 @@ def _derived(plan: MergePlan, task: TensorTask, numel: int, size: int, device) -
     """What fused.prepare keeps beside the task vectors: DELLA's rank norms, one per task vector
     (not for tensors of one entry per row, which the eager path merges)."""
     kind = plan.method.extras.get("sparsification")
-    if kind != "della_magprune" or fused.row_length(task.shape) < 2:
-        return 0
-    if not fused.draws_masks(kind, task.compute_dtype, device):
+    if not fused.keeps_rank_norms(kind, task.shape, task.compute_dtype, device):
         return 0
     return (len(task.inputs) - 1) * numel * size
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.methods import select
+from evomerge.merge.methods import select, sparsify
 
 SOURCE = Path(__file__).with_name("fused.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
@@ -352,7 +352,6 @@ def combine(
 GRAIN_SIZE = 32768  # torch's at::internal::GRAIN_SIZE: a sum this long or longer is split
 TORCH_SUM_SLACK = 64  # roundings besides the cascade's levels (loads, tails, lanes, partials)
 LANE_SUM_DEPTH = 624 // 16 + 31  # fused.c's lane_sum: roundings a kept magnitude passes through
-EPS = 1e-7  # sparsify._rescale's
 
 
 def random_sparsified(
@@ -438,7 +437,7 @@ def random_sparsified(
         after = _l1_after(mine, n, chunk) if dtype == torch.bfloat16 else None
         if after is None:
             after = sparse[i].abs().sum().item()  # torch's own, where it cannot be vouched for
-        if not (before < EPS or after < EPS):
+        if not (before < sparsify.RESCALE_EPS or after < sparsify.RESCALE_EPS):
             scales[i] = _in_dtype(before / after, dtype)  # a float32 division, then the dtype's
     return sparse, scales
 
@@ -475,16 +474,15 @@ RANK_ROWS = 1 << 16  # entries whose ranks are computed at once: bounds rank_nor
 def _rank_norms(deltas: torch.Tensor, i: int) -> torch.Tensor:
     """sparsify.rank_norms of task vector i, kept while the task vectors are (a row's ranks do
     not depend on other rows, so they are computed a few rows at a time)."""
-    from evomerge.merge.methods.sparsify import rank_norms
 
     def make() -> torch.Tensor:
         delta = deltas[i]
         if delta.dim() < 2:
-            return rank_norms(delta).reshape(delta.shape)
+            return sparsify.rank_norms(delta).reshape(delta.shape)
         norms = torch.empty(delta.shape, dtype=delta.dtype)
         step = max(1, RANK_ROWS // max(1, delta[0].numel()))
         for start in range(0, delta.shape[0], step):
-            norms[start : start + step] = rank_norms(delta[start : start + step])
+            norms[start : start + step] = sparsify.rank_norms(delta[start : start + step])
         return norms
 
     return _resident(deltas, "norms", i, make)
@@ -507,11 +505,20 @@ def row_length(shape) -> int:
     return shape[1] if len(shape) > 1 else shape[0] if len(shape) == 1 else 1
 
 
+def keeps_rank_norms(kind: str | None, shape, dtype: torch.dtype, device) -> bool:
+    """random_sparsified keeps DELLA's rank norms beside task vectors of this shape (not for rows
+    of one entry, which the eager path merges), as prepare and the memory plan ask."""
+    return (
+        kind == "della_magprune"
+        and row_length(shape) >= 2
+        and draws_masks(kind, dtype, torch.device(device))
+    )
+
+
 def prepare(deltas: torch.Tensor, kind: str | None) -> None:
     """Derive now what random_sparsified keeps per resident task vector and would otherwise
     derive on the first candidate: DELLA's rank norms (as large as the task vectors)."""
-    one_row = row_length(deltas.shape[1:]) < 2
-    if kind == "della_magprune" and draws_masks(kind, deltas.dtype, deltas.device) and not one_row:
+    if keeps_rank_norms(kind, deltas.shape[1:], deltas.dtype, deltas.device):
         for i in range(deltas.shape[0]):
             _rank_norms(deltas, i)
 
@@ -639,8 +646,6 @@ def bernoulli_matches() -> bool:
     """Whether torch.bernoulli on this machine draws what fused.c draws (MT19937, 24-bit
     uniforms) and DELLA's probabilities are the eager path's, on a probe of both dtypes; if
     not, masks come from torch."""
-    from evomerge.merge.methods import sparsify
-
     generator = torch.Generator().manual_seed(1)
     for dtype in _MASK:
         values = torch.randn((7, 700), generator=generator).to(dtype)

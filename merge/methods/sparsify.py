@@ -14,15 +14,17 @@ import torch
 
 from evomerge.merge.methods.select import largest, smallest
 
+RESCALE_EPS = 1e-7  # below this L1 norm, before or after masking, no rescale
 
-def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7):
+
+def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = RESCALE_EPS):
     """Apply mask; with rescale, restore the L1 norm the tensor had before masking (unless
     either norm is below eps). The factor is chosen on the device, not by asking the host
     (which would wait for a GPU); x * 1 is x, so this is the branch's result bit for bit."""
     return _rescale(tensor, tensor * mask, rescale, eps)
 
 
-def _rescale(tensor: torch.Tensor, masked: torch.Tensor, rescale: bool, eps: float = 1e-7):
+def _rescale(tensor: torch.Tensor, masked: torch.Tensor, rescale: bool, eps: float = RESCALE_EPS):
     if not rescale:
         return masked
     before = tensor.abs().sum()
