@@ -131,12 +131,15 @@ def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="evomerge-fused")
 
 
-def _map(fn, items) -> None:
+def _map(fn, items, workers: int | None = None) -> None:
+    """fn over items, on `workers` threads (default one per item)."""
     items = list(items)
-    if len(items) == 1:
-        fn(items[0])
+    workers = len(items) if workers is None else min(workers, len(items))
+    if workers <= 1:
+        for item in items:
+            fn(item)
         return
-    list(_pool(len(items), os.getpid()).map(fn, items))
+    list(_pool(workers, os.getpid()).map(fn, items))
 
 
 def _split(numel: int, run) -> None:
@@ -423,12 +426,7 @@ def random_sparsified(
             ctypes.addressof(sums) + i * chunks * ctypes.sizeof(ctypes.c_double),
         )  # fmt: skip
 
-    threads = min(torch.get_num_threads(), len(draws))
-    if threads > 1:
-        list(_pool(threads, os.getpid()).map(draw, draws))
-    else:
-        for item in draws:
-            draw(item)
+    _map(draw, draws, torch.get_num_threads())
     if not rescale:
         return sparse, None
     for i, *_ in draws:
